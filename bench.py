@@ -1,0 +1,195 @@
+"""
+Benchmarks: `python bench.py --what=lm [--key=value ...]`.
+
+Design choices
+- One function per benchmark, `bench_<what>(args)`, picked by --what from the BENCHES dict; options are plain
+  `--key=value` flags parsed into a dict (other engineers add their benchmarks as more functions).
+- Comparisons are A/B alternating (ours, reference, ours, reference, ...) on the same weights and inputs, and report
+  medians, so a noisy shared machine shifts both sides alike. Peak memory is measured in a fresh subprocess per side.
+
+lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, its default experts implementation)
+    on a small config: training step (forward, backward, AdamW) tokens/s and greedy decoding tokens/s.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+LM_DEFAULTS = dict(layers=4, hidden=256, intermediate=256, experts=8, top_k=4, heads=8, kv_heads=2, head_dim=32,
+                   vocab=8192, window=128, batch=4, seq=256, rounds=7, prompt=32, new_tokens=128, decode_batch=1,
+                   seed=0, threads=0)
+
+
+def lm_hf_config(a):
+    from transformers import GptOssConfig
+    return GptOssConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                        num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                        num_key_value_heads=a["kv_heads"], head_dim=a["head_dim"], num_local_experts=a["experts"],
+                        num_experts_per_tok=a["top_k"], sliding_window=a["window"], max_position_embeddings=4096,
+                        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                         "original_max_position_embeddings": 128, "truncate": False,
+                                         "rope_theta": 150000.0},
+                        router_aux_loss_coef=0.9, pad_token_id=0, eos_token_id=None)
+
+
+def lm_models(a, ckpt_dir):
+    """Write one random checkpoint with transformers, load it into both implementations (fp32, CPU)."""
+    from transformers import GptOssForCausalLM
+    import model
+    torch.manual_seed(a["seed"])
+    hf = GptOssForCausalLM._from_config(lm_hf_config(a), attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():  # non-zero biases and sinks, like a trained model
+        for name, p in hf.named_parameters():
+            if "bias" in name or "sinks" in name:
+                p.normal_(0.0, 0.1)
+    hf.save_pretrained(ckpt_dir)
+    ours = model.GPT.from_pretrained(ckpt_dir, dtype=torch.float32)
+    hf = GptOssForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
+    return ours, hf
+
+
+def lm_train_step(impl, m, opt, idx, targets):
+    if impl == "ours":
+        _, loss = m(idx, targets)
+    else:  # transformers shifts labels itself; output_router_logits adds the same aux loss ours adds in training
+        labels = torch.cat([idx[:, :1], targets[:, :-1]], dim=1)
+        loss = m(input_ids=idx, labels=labels, output_router_logits=True).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def lm_decode(impl, m, prompt, n):
+    if impl == "ours":
+        return m.generate(prompt, n, temperature=0.0)
+    return m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def lm_inputs(a):
+    g = torch.Generator().manual_seed(a["seed"] + 1)
+    seq = torch.randint(0, a["vocab"], (a["batch"], a["seq"] + 1), generator=g)
+    prompt = torch.randint(0, a["vocab"], (a["decode_batch"], a["prompt"]), generator=g)
+    return seq[:, :-1], seq[:, 1:], prompt
+
+
+def bench_lm(a):
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    with tempfile.TemporaryDirectory() as d:
+        ours, hf = lm_models(a, d)
+    models = {"ours": ours, "transformers": hf}
+    idx, targets, prompt = lm_inputs(a)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}  # same optimizer both sides
+    out_same = torch.equal(lm_decode("ours", ours.eval(), prompt, 16), lm_decode("hf", hf.eval(), prompt, 16))
+    times = {(what, k): [] for what in ("train", "decode") for k in models}
+    for r in range(a["rounds"] + 1):  # round 0 warms up and is dropped
+        order = list(models) if r % 2 == 0 else list(models)[::-1]  # A/B, then B/A
+        for k in order:
+            m = models[k].train()
+            t0 = time.perf_counter()
+            lm_train_step("ours" if k == "ours" else "hf", m, opts[k], idx, targets)
+            t1 = time.perf_counter()
+            m.eval()
+            lm_decode("ours" if k == "ours" else "hf", m, prompt, a["new_tokens"])
+            t2 = time.perf_counter()
+            if r:
+                times[("train", k)].append(idx.numel() / (t1 - t0))
+                times[("decode", k)].append(a["decode_batch"] * a["new_tokens"] / (t2 - t1))
+    mem = {k: lm_peak_memory(a, k) for k in models}
+    print(f"lm bench: {a['layers']} layers, hidden {a['hidden']}, {a['experts']} experts (top {a['top_k']}), "
+          f"vocab {a['vocab']}, fp32 CPU, {torch.get_num_threads()} threads; medians of {a['rounds']} A/B rounds")
+    print(f"greedy outputs of the two implementations equal: {out_same}")
+    result = {}
+    for what, unit in (("train", f"train tok/s (B={a['batch']}, T={a['seq']})"),
+                       ("decode", f"decode tok/s (B={a['decode_batch']}, {a['prompt']}+{a['new_tokens']})")):
+        med = {k: statistics.median(times[(what, k)]) for k in models}
+        ratio = med["ours"] / med["transformers"]
+        spread = {k: (min(times[(what, k)]), max(times[(what, k)])) for k in models}
+        print(f"{unit:40s} ours {med['ours']:9.1f}  transformers {med['transformers']:9.1f}  ratio {ratio:5.2f}x"
+              f"   (ranges: ours {spread['ours'][0]:.0f}-{spread['ours'][1]:.0f}, "
+              f"transformers {spread['transformers'][0]:.0f}-{spread['transformers'][1]:.0f})")
+        result[what] = {"ours": med["ours"], "transformers": med["transformers"], "ratio": ratio}
+    for k in models:
+        print(f"peak RSS increase, {k:12s}: train step {mem[k]['train_mib']:8.1f} MiB, "
+              f"decode {mem[k]['decode_mib']:8.1f} MiB (model {mem[k]['model_mib']:.1f} MiB)")
+    result["memory_mib"] = mem
+    print(json.dumps(result))
+    return result
+
+
+def lm_peak_memory(a, impl):
+    """Peak RSS growth of one training step and one decode, each measured in a fresh subprocess."""
+    out = {}
+    for phase in ("train", "decode"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--what=lm-memory", f"--impl={impl}", f"--phase={phase}"]
+        cmd += [f"--{k}={v}" for k, v in a.items()]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        d = json.loads(res.stdout.strip().splitlines()[-1])
+        out[f"{phase}_mib"], out["model_mib"] = d["peak_mib"], d["model_mib"]
+    return out
+
+
+def bench_lm_memory(a):
+    """(subprocess of bench_lm) peak RSS above the loaded model for one train step or one decode."""
+    with tempfile.TemporaryDirectory() as d:
+        ours, hf = lm_models(a, d)
+    impl = a["impl"]
+    m = ours if impl == "ours" else hf
+    ours = hf = None  # free the other implementation before measuring
+    import gc
+    gc.collect()
+    idx, targets, prompt = lm_inputs(a)
+    model_mib = sum(p.numel() * p.itemsize for p in m.parameters()) / 2**20
+    before = rss_mib()
+    if a["phase"] == "train":
+        lm_train_step("ours" if impl == "ours" else "hf", m.train(), torch.optim.AdamW(m.parameters(), lr=1e-4),
+                      idx, targets)
+    else:
+        lm_decode("ours" if impl == "ours" else "hf", m.eval(), prompt, a["new_tokens"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mib": max(0.0, peak - before), "model_mib": model_mib}))
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+BENCHES = {"lm": (bench_lm, LM_DEFAULTS), "lm-memory": (bench_lm_memory, LM_DEFAULTS)}
+
+
+def parse_args(argv):
+    opts = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bench.py: expected --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        opts[key.replace("-", "_")] = value
+    return opts
+
+
+def main(argv):
+    opts = parse_args(argv)
+    what = opts.pop("what", "lm")
+    if what not in BENCHES:
+        raise SystemExit(f"bench.py: --what={what!r}; choose one of {sorted(BENCHES)}")
+    fn, defaults = BENCHES[what]
+    args = dict(defaults)
+    for k, v in opts.items():
+        if k in defaults:
+            args[k] = type(defaults[k])(v)
+        elif k in ("impl", "phase"):
+            args[k] = v
+        else:
+            raise SystemExit(f"bench.py --what={what}: unknown option --{k}; options: {sorted(defaults)}")
+    return fn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,383 @@
+"""
+Triton kernels (kernels.py) against their torch references and against transformers' GPT-oss modules.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1, which must be set before triton is imported;
+if some other test imported kernels first without it, kernels is reloaded here so its kernels are
+re-decorated as interpreted functions. Shapes are tiny and deliberately not multiples of the tile sizes
+(16 when interpreting). Every check covers the forward and every gradient.
+"""
+import importlib
+import os
+import types
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+import kernels  # noqa: E402
+
+if not torch.cuda.is_available() and not kernels._INTERPRET:
+    kernels = importlib.reload(kernels)
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("MEDGPT_KERNELS", "triton")
+
+
+def run_both(fn_a, fn_b, inputs, seed=0):
+    """Forward + backward of fn_a and fn_b on copies of inputs with the same upstream gradient.
+    Returns (out_a, out_b, grads_a, grads_b); grads in the order of the floating inputs."""
+    copies_a = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    copies_b = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out_a, out_b = fn_a(*copies_a), fn_b(*copies_b)
+    upstream = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(seed)).to(out_a.dtype)
+    out_a.backward(upstream)
+    out_b.backward(upstream.to(out_b.dtype))
+    grads_a = [t.grad for t in copies_a if t.is_floating_point()]
+    grads_b = [t.grad for t in copies_b if t.is_floating_point()]
+    return out_a, out_b, grads_a, grads_b
+
+
+def assert_close_all(out_a, out_b, grads_a, grads_b, atol, rtol):
+    torch.testing.assert_close(out_a.float(), out_b.float(), atol=atol, rtol=rtol)
+    assert len(grads_a) == len(grads_b)
+    for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        assert ga is not None and gb is not None, f"gradient {i} missing"
+        torch.testing.assert_close(ga.float(), gb.float(), atol=atol, rtol=rtol, msg=lambda m: f"grad {i}: {m}")
+
+
+def test_kernel_path_switch(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    assert kernels.kernel_path(x) == "torch"
+    monkeypatch.setenv("MEDGPT_KERNELS", "triton")
+    assert kernels.kernel_path(x) == "triton"
+    monkeypatch.setenv("MEDGPT_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MEDGPT_KERNELS"):
+        kernels.kernel_path(x)
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_rms_norm(triton_path, dtype, tol):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 45) * 3).to(dtype)
+    weight = (1 + 0.5 * torch.randn(45)).to(dtype)
+    assert_close_all(*run_both(lambda x, w: kernels.rms_norm(x, w, 1e-5),
+                               lambda x, w: kernels.rms_norm_torch(x, w, 1e-5), [x, weight]), tol, tol)
+    # the reference itself equals transformers' GptOssRMSNorm
+    oracle = GptOssRMSNorm(45, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        oracle.weight.copy_(weight)
+        torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), oracle(x), atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+@pytest.mark.parametrize("batched_tables", [False, True])
+def test_rope(triton_path, batched_tables):
+    from transformers.models.gpt_oss.modeling_gpt_oss import _apply_rotary_emb
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 19, 3, 64
+    x = torch.randn(B, T, H, D)
+    table_shape = (B, T, D // 2) if batched_tables else (T, D // 2)
+    cos, sin = torch.randn(table_shape), torch.randn(table_shape)
+    results = run_both(lambda x: kernels.apply_rope(x, cos, sin), lambda x: kernels.apply_rope_torch(x, cos, sin), [x])
+    assert_close_all(*results, 1e-5, 1e-5)
+    # transformers' rotation, with its (B, 1, T, D/2)-style broadcasting over heads in (B, T, H, D) layout
+    cos_b, sin_b = (cos[None] if not batched_tables else cos), (sin[None] if not batched_tables else sin)
+    expected = _apply_rotary_emb(x, cos_b[:, :, None, :], sin_b[:, :, None, :])
+    torch.testing.assert_close(results[0], expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU
+
+
+def test_swiglu_clamps_and_gradients(triton_path):
+    torch.manual_seed(0)
+    gate_up = torch.randn(4, 5, 2 * 37) * 6  # many values beyond the clamps at +-7
+    # exact boundary values: torch.clamp passes the gradient at the boundary itself
+    gate_up[0, 0, :8] = torch.tensor([7.0, 7.0, -7.0, -7.0, 7.5, 7.5, -9.0, -9.0])
+    out_a, out_b, grads_a, grads_b = run_both(kernels.swiglu, kernels.swiglu_torch, [gate_up])
+    assert_close_all(out_a, out_b, grads_a, grads_b, 1e-5, 1e-5)
+    grad = grads_a[0]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    assert (grad[..., ::2][gate > 7] == 0).all()  # clamped gate: no gradient
+    assert (grad[..., 1::2][up.abs() > 7] == 0).all()  # clamped up: no gradient
+    assert (grad[..., 1::2][(up.abs() <= 7) & (gate.abs() > 0.1)] != 0).all()
+
+
+def test_swiglu_matches_transformers_experts_gate(triton_path):
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    cfg = GptOssConfig(hidden_size=8, intermediate_size=6, num_local_experts=2)
+    torch.manual_seed(1)
+    gate_up = torch.randn(9, 12) * 5
+    torch.testing.assert_close(kernels.swiglu(gate_up, cfg.swiglu_limit, 1.702),
+                               GptOssExperts(cfg)._apply_gate(gate_up), atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_half_precision(triton_path):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 50) * 4).half()
+    assert_close_all(*run_both(kernels.swiglu, kernels.swiglu_torch, [gate_up]), 1e-2, 1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ Attention
+
+
+def reference_mask(T, window, doc_ids):
+    """Additive (B or 1, 1, T, T) mask written independently of kernels.attention_mask."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    ok = (j <= i) & ((j > i - window) if window else torch.ones(T, T, dtype=torch.bool))
+    ok = ok[None, None]
+    if doc_ids is not None:
+        ok = ok & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return torch.zeros(ok.shape).masked_fill(~ok, float("-inf"))
+
+
+def transformers_attention(q, k, v, sinks, window, doc_ids):
+    """transformers' eager GPT-oss attention (with sinks) on our (B, T, H, D) layout."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    module = types.SimpleNamespace(num_key_value_groups=q.shape[2] // k.shape[2], sinks=sinks, training=False)
+    out, _ = eager_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                     reference_mask(q.shape[1], window, doc_ids), scaling=q.shape[-1] ** -0.5)
+    return out  # (B, T, Hq, D)
+
+
+def attention_inputs(B, T, Hq, Hkv, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, T, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, T, Hkv, D, generator=g).to(dtype)
+    sinks = torch.randn(Hq, generator=g).to(dtype)
+    return q, k, v, sinks
+
+
+def packed_doc_ids(B, T, lengths):
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:T]
+    return ids[None].expand(B, T).contiguous()
+
+
+# windows 17 and 18 put a tile-range boundary exactly on a tile edge (tiles of 16): off-by-one bounds fail
+@pytest.mark.parametrize("window,packed,heads", [(0, False, (4, 2)), (5, False, (4, 1)), (17, False, (2, 1)),
+                                                 (18, False, (2, 1)), (0, True, (2, 2)), (20, True, (4, 2))])
+def test_attention_matches_reference(triton_path, window, packed, heads):
+    B, T, D = 2, 53, 16
+    Hq, Hkv = heads
+    q, k, v, sinks = attention_inputs(B, T, Hq, Hkv, D)
+    doc_ids = packed_doc_ids(B, T, [17, 30, 6]) if packed else None
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=window, doc_ids=doc_ids),
+                       lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=window, doc_ids=doc_ids),
+                       [q, k, v, sinks])
+    assert_close_all(*results, 2e-5, 2e-5)
+    assert results[2][3].abs().sum() > 0  # the sink gradient is not trivially zero
+
+
+def test_attention_matches_transformers_with_sink_gradient(triton_path):
+    """Head dim 64 as GPT-oss; window and packed documents together; against transformers' eager attention."""
+    B, T, Hq, Hkv, D = 1, 41, 4, 2, 64
+    q, k, v, sinks = attention_inputs(B, T, Hq, Hkv, D, seed=3)
+    doc_ids = packed_doc_ids(B, T, [25, 16])
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=7, doc_ids=doc_ids),
+                       lambda q, k, v, s: transformers_attention(q, k, v, s, 7, doc_ids), [q, k, v, sinks])
+    assert_close_all(*results, 2e-5, 2e-5)
+
+
+def test_attention_fp16(triton_path):
+    q, k, v, sinks = attention_inputs(1, 35, 2, 1, 32, dtype=torch.float16, seed=5)
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=9),
+                       lambda q, k, v, s: kernels.attention_torch(q.float(), k.float(), v.float(), s.float(),
+                                                                  window=9), [q, k, v, sinks])
+    assert_close_all(*results, 1e-2, 1e-2)
+
+
+def test_attention_strong_sink_and_rows_with_one_key(triton_path):
+    """A sink far above the scores takes almost all the mass (out ~ 0); the first query sees one key only."""
+    q, k, v, sinks = attention_inputs(1, 18, 2, 2, 16, seed=7)
+    sinks = torch.tensor([30.0, -30.0])
+    assert_close_all(*run_both(lambda q, k, v, s: kernels.attention(q, k, v, s),
+                               lambda q, k, v, s: kernels.attention_torch(q, k, v, s), [q, k, v, sinks]),
+                     2e-5, 2e-5)
+
+
+def test_attention_decode_uses_reference(triton_path):
+    """S > T (KV cache) and key_mask stay on the torch reference: same results as attention_torch."""
+    q, _, _, sinks = attention_inputs(2, 3, 4, 2, 16)
+    _, k, v, _ = attention_inputs(2, 11, 4, 2, 16, seed=1)
+    key_mask = torch.ones(2, 11, dtype=torch.bool)
+    key_mask[0, :4] = False
+    out = kernels.attention(q, k, v, sinks, window=5, key_mask=key_mask)
+    torch.testing.assert_close(out, kernels.attention_torch(q, k, v, sinks, window=5, key_mask=key_mask))
+
+
+# ------------------------------------------------------------------------------------------------ cross-entropy
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_chunked(monkeypatch, use_triton, reduction):
+    N, C, V = 45, 24, 1307  # several chunks, the last one short; V not a multiple of the vocab tile
+    monkeypatch.setattr(kernels, "CE_CHUNK_BYTES", 4 * V * 8)  # 8 tokens per chunk
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.3
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100  # ignored tokens get no loss and no gradient
+    results = run_both(
+        lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, -100, reduction, use_triton=use_triton),
+        lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets, -100, reduction), [x, weight])
+    assert_close_all(*results, 1e-5, 1e-5)
+    assert (results[2][0][::4] == 0).all()  # ignore_index rows: zero gradient
+
+
+def test_linear_cross_entropy_public_paths_and_frozen_weight(monkeypatch):
+    """The public function on both MEDGPT_KERNELS paths; a frozen unembedding (stage 1) gets no dW work."""
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(21, 16, generator=g), torch.randn(300, 16, generator=g)
+    targets = torch.randint(0, 300, (21,), generator=g)
+    targets[3] = 7  # a custom ignore_index
+    expected = kernels.linear_cross_entropy_torch(x, weight, targets, ignore_index=7)
+    for path in ("torch", "triton"):
+        monkeypatch.setenv("MEDGPT_KERNELS", path)
+        x_leaf = x.clone().requires_grad_()
+        loss = kernels.linear_cross_entropy(x_leaf, weight, targets, ignore_index=7)
+        loss.backward()
+        x_ref = x.clone().requires_grad_()
+        kernels.linear_cross_entropy_torch(x_ref, weight, targets, ignore_index=7).backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(x_leaf.grad, x_ref.grad)
+        assert weight.grad is None
+
+
+def test_linear_cross_entropy_half_precision(monkeypatch):
+    monkeypatch.setattr(kernels, "CE_CHUNK_BYTES", 4 * 500 * 16)
+    g = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(37, 32, generator=g).half(), (torch.randn(500, 32, generator=g) * 0.2).half()
+    targets = torch.randint(0, 500, (37,), generator=g)
+    results = run_both(lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
+                       lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets), [x, weight])
+    assert_close_all(*results, 2e-3, 2e-2)
+
+
+def test_linear_cross_entropy_edge_cases():
+    x, weight = torch.randn(4, 8), torch.randn(10, 8)
+    all_ignored = torch.full((4,), -100)
+    plain = kernels.linear_cross_entropy_torch(x, weight, all_ignored)
+    chunked = kernels.linear_cross_entropy_chunked(x, weight, all_ignored)
+    assert torch.isnan(plain) and torch.isnan(chunked)  # mean over no token: nan, as F.cross_entropy
+    assert kernels.linear_cross_entropy_chunked(x, weight, all_ignored, reduction="sum") == 0
+    with pytest.raises(ValueError, match=r"targets\[2\] = 10 is outside the vocabulary"):
+        kernels.linear_cross_entropy_chunked(x, weight, torch.tensor([1, 2, 10, -100]))
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.linear_cross_entropy_chunked(x, weight, torch.tensor([1, 2, 3, 4]), reduction="none")
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+
+
+def routing(N, E, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 2] = -1e9  # expert 2 receives no token: its weight gradients must be zero
+    top_values, top_idx = torch.topk(logits, K, dim=-1)
+    return top_idx, torch.softmax(top_values, dim=-1)
+
+
+def expert_params(E, H, I, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(E, H, 2 * I, generator=g) * 0.4).to(dtype), torch.randn(E, 2 * I, generator=g).to(dtype),
+            (torch.randn(E, I, H, generator=g) * 0.3).to(dtype), torch.randn(E, H, generator=g).to(dtype)]
+
+
+def test_moe_experts_matches_reference_and_transformers(triton_path):
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    N, H, I, E, K = 29, 24, 20, 6, 3  # N*K = 87 rows: no expert's rows fill whole tiles
+    top_idx, top_w = routing(N, E, K, seed=0)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(1)) * 2
+    params = expert_params(E, H, I)
+    results = run_both(lambda x, w, *p: kernels.moe_experts(x, top_idx, w, *p),
+                       lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p), [x, top_w, *params])
+    assert_close_all(*results, 1e-4, 1e-4)
+    for grad in results[2][2:]:  # parameter grads of the expert that got no token
+        assert (grad[2] == 0).all()
+    oracle = GptOssExperts(GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                        num_experts_per_tok=K))
+    with torch.no_grad():
+        for name, p in zip(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"], params):
+            getattr(oracle, name).copy_(p)
+        torch.testing.assert_close(results[0], oracle(x, top_idx, top_w), atol=1e-4, rtol=1e-4)
+
+
+def test_moe_experts_half_precision(triton_path):
+    N, H, I, E, K = 13, 16, 24, 4, 2
+    top_idx, top_w = routing(N, E, K, seed=2)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(3)).half()
+    params = expert_params(E, H, I, torch.float16, seed=4)
+    results = run_both(lambda x, *p: kernels.moe_experts(x, top_idx, top_w, *p),
+                       lambda x, *p: kernels.moe_experts_torch(x.float(), top_idx, top_w, *[t.float() for t in p]),
+                       [x, *params])
+    assert_close_all(*results, 2e-2, 2e-2)
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_whole_model_triton_equals_torch(monkeypatch, packed):
+    """GPT (model.py), one sliding and one full layer, trained one step's worth: with MEDGPT_KERNELS=triton the
+    loss and every parameter gradient equal the torch path's."""
+    model_module = pytest.importorskip("model")
+    monkeypatch.setattr(kernels, "CE_CHUNK_BYTES", 4 * 211 * 10)  # chunks of 10 tokens
+    config = model_module.GPTConfig(vocab_size=211, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                    max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = model_module.GPT(config).float().train()
+    with torch.no_grad():  # non-zero biases and sinks, so their gradients are checked too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0.0, 0.5)
+    B, T = 2, 23
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 211, (B, T), generator=g)
+    targets = torch.randint(0, 211, (B, T), generator=g)
+    targets[:, :3] = -100
+    extra = {}
+    if packed:
+        doc_ids = packed_doc_ids(B, T, [9, 14])
+        extra = dict(doc_ids=doc_ids, position_ids=torch.cat([torch.arange(9), torch.arange(14)])[None].expand(B, T))
+    losses, grads = {}, {}
+    for path in ("torch", "triton"):
+        monkeypatch.setenv("MEDGPT_KERNELS", path)
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets, **extra)
+        loss.backward()
+        losses[path] = loss.detach()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-5, rtol=1e-5)
+    assert grads["triton"].keys() == grads["torch"].keys() == {n for n, _ in model.named_parameters()}
+    for name in grads["torch"]:
+        torch.testing.assert_close(grads["triton"][name], grads["torch"][name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+    # logits (no targets) agree as well
+    with torch.no_grad():
+        for path in ("torch", "triton"):
+            monkeypatch.setenv("MEDGPT_KERNELS", path)
+            losses[path] = model(idx, **extra)[0]
+    torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,172 @@
+"""
+Worker for tests/test_zero.py: trains GPT tiny (small vocabulary, fp32) a few steps with gradient accumulation,
+clipping, weight decay and frozen parameters, under one of
+  ref    plain PyTorch, one process, torch.optim.AdamW + clip_grad_norm_ (the oracle)
+  zero   zero.ZeRO3 (meta-device start from --init, shard-wise load); optional --save_at
+  resume zero.ZeRO3 resumed from --resume (a checkpoint written by any number of processes)
+  fsdp2  torch.distributed.fsdp.fully_shard on the same units, torch.optim.AdamW
+and writes <out>/<tag>.safetensors (final weights, full) and <out>/<tag>.json (numbers). Launched with
+`python -m torch.distributed.run --nproc_per_node N tests/zero_worker.py ...` or plain python (one process).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import zero  # noqa: E402
+from model import GPT, GPTConfig, rope_inv_freq  # noqa: E402
+
+VOCAB, SEQ, GLOBAL_MICRO, ACCUM = 256, 16, 4, 2
+LR, WD, CLIP, BETAS, EPS = 3e-3, 0.1, 0.5, (0.9, 0.95), 1e-8
+
+
+def config():
+    # aux loss off: the load-balancing loss is not additive over ranks, so it would make 2 != 1 by design
+    return GPTConfig.preset("tiny", vocab_size=VOCAB, num_hidden_layers=3, router_aux_loss_coef=0.0)
+
+
+def is_frozen(name):
+    # a fully frozen first block (no backward through it), a half-frozen second one, a frozen embedding
+    return name.startswith("model.embed_tokens") or name.startswith("model.layers.0.") or \
+        name.startswith("model.layers.1.self_attn")
+
+
+def build(init_path, meta):
+    cfg = config()
+    if meta:
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model._inv_freq, model.attention_factor = rope_inv_freq(cfg)  # not a buffer: computed, not loaded
+    else:
+        model = GPT(cfg)
+        model.load_state_dict(load_file(init_path))
+    for n, p in model.named_parameters():
+        p.requires_grad_(not is_frozen(n))
+    return model
+
+
+def micro_batches(rank, world_size):
+    """The global micro-batch from the global torch RNG (same on every rank), this rank's rows of it."""
+    rows = GLOBAL_MICRO // world_size
+    for _ in range(ACCUM):
+        data = torch.randint(0, VOCAB, (GLOBAL_MICRO, SEQ + 1))  # (B, T + 1)
+        mine = data[rank * rows:(rank + 1) * rows]
+        yield mine[:, :-1], mine[:, 1:]
+
+
+def train_steps(model, first, last, rank, world_size, clip_and_step):
+    losses = []
+    for step in range(first, last):
+        for idx, targets in micro_batches(rank, world_size):
+            _, loss = model(idx, targets)
+            (loss / ACCUM).backward()
+            losses.append(loss.item())
+        clip_and_step()
+    return losses
+
+
+def write(out, tag, rank, named_tensors, info):
+    tensors = {n: t.detach().float().cpu().contiguous() for n, t in named_tensors}
+    if rank == 0:
+        save_file(tensors, os.path.join(out, f"{tag}.safetensors"))
+        with open(os.path.join(out, f"{tag}.json"), "w") as f:
+            json.dump(info, f)
+
+
+def run_ref(args):
+    model = build(args.init, meta=False)
+    torch.manual_seed(args.seed)  # the data stream starts here in every run
+    opt = torch.optim.AdamW(zero.adamw_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def clip_and_step():
+        torch.nn.utils.clip_grad_norm_(trainable, CLIP)
+        opt.step()
+        opt.zero_grad()
+    losses = train_steps(model, 0, args.steps, 0, 1, clip_and_step)
+    write(args.out, "ref", 0, model.named_parameters(), {"losses": losses})
+
+
+def run_zero(args, rank, world_size, tag, resume):
+    model = build(args.init, meta=True)
+    z = zero.ZeRO3(model, list(model.model.layers), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                   checkpointing=args.checkpointing, load=zero.SafetensorsReader(args.init))
+    full_params_held = sum(p.numel() for p in model.parameters())  # 0: every parameter lives only in shards
+    torch.manual_seed(args.seed)
+    first, extra = 0, None
+    if resume:  # restores the RNG state too: the data stream continues where it stopped
+        first, extra = zero.load_checkpoint(z, resume)
+    comm_per_step = []
+
+    def clip_and_step():
+        z.clip_grad_norm_(CLIP)
+        z.step()
+    losses = []
+    for step in range(first, args.steps):
+        before = dict(z.comm_bytes)
+        losses += train_steps(model, step, step + 1, rank, world_size, clip_and_step)
+        comm_per_step.append({k: v - before.get(k, 0) for k, v in z.comm_bytes.items()})
+        if args.save_at and step + 1 == args.save_at and not resume:
+            zero.save_checkpoint(z, os.path.join(args.out, f"{tag}_ckpt"), step + 1,
+                                 extra={"data_position": step + 1, "rank": rank})
+    info = {"losses": losses, "comm_per_step": comm_per_step, "memory": z.memory_bytes(),
+            "world_size": world_size, "full_params_held": full_params_held, "resumed_extra": extra,
+            "layout": z.layout()}
+    infos = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(infos, info)
+    else:
+        infos = [info]
+    write(args.out, tag, rank, zero.iter_full_params(z), {"ranks": infos})
+
+
+def run_fsdp2(args, rank, world_size):
+    model = build(args.init, meta=False)
+    torch.manual_seed(args.seed)
+    zero.shard_fsdp2(model, list(model.model.layers))
+    opt = torch.optim.AdamW(zero.adamw_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def clip_and_step():
+        torch.nn.utils.clip_grad_norm_(trainable, CLIP)
+        opt.step()
+        opt.zero_grad()
+    losses = train_steps(model, 0, args.steps, rank, world_size, clip_and_step)
+    write(args.out, "fsdp2", rank, ((n, p.full_tensor()) for n, p in model.named_parameters()), {"losses": losses})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", required=True, help="comma list of ref, zero, fsdp2, resume")
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="zero")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--save_at", type=int, default=0)
+    ap.add_argument("--resume", default="", help="checkpoint directory for the resume job")
+    ap.add_argument("--resume_tag", default="resumed")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+    rank, _, world_size, _ = zero.init_distributed()
+    for job in args.jobs.split(","):
+        if job == "ref":
+            run_ref(args)
+        elif job == "zero":
+            run_zero(args, rank, world_size, args.tag, "")
+        elif job == "resume":
+            run_zero(args, rank, world_size, args.resume_tag, args.resume)
+        elif job == "fsdp2":
+            run_fsdp2(args, rank, world_size)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
