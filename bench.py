@@ -12,7 +12,6 @@ lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, 
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,22 +145,88 @@ def bench_lm_memory(a):
     gc.collect()
     idx, targets, prompt = lm_inputs(a)
     model_mib = sum(p.numel() * p.itemsize for p in m.parameters()) / 2**20
-    before = rss_mib()
+    before = reset_peak_rss_mib()
     if a["phase"] == "train":
         lm_train_step("ours" if impl == "ours" else "hf", m.train(), torch.optim.AdamW(m.parameters(), lr=1e-4),
                       idx, targets)
     else:
         lm_decode("ours" if impl == "ours" else "hf", m.eval(), prompt, a["new_tokens"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = proc_status_mib("VmHWM")
     print(json.dumps({"peak_mib": max(0.0, peak - before), "model_mib": model_mib}))
 
 
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def proc_status_mib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-BENCHES = {"lm": (bench_lm, LM_DEFAULTS), "lm-memory": (bench_lm_memory, LM_DEFAULTS)}
+def reset_peak_rss_mib():
+    """Reset the peak-RSS mark (VmHWM) to the current RSS (Linux: write 5 to clear_refs); return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_mib("VmRSS")
+
+
+VISION_DEFAULTS = dict(layers=24, hidden=1024, intermediate=4096, heads=16, image=336, patch=14, feature_layer=-2,
+                       batch=2, rounds=5, seed=0, threads=0, device="cpu", dtype="float32")
+
+
+def bench_vision(a):
+    """CLIP vision tower: vision.CLIPVision vs transformers' CLIPVisionModel (ViT-L/14-336 by default), images/s of
+    the LLaVA features (hidden state `feature_layer`, class token dropped), same weights and pixels, A/B alternating.
+    transformers computes every block (output_hidden_states=True, as LlavaModel calls it); ours stops at the
+    feature layer, so the equal-work row (feature_layer=-1, all blocks) is reported too."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    import vision
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    device, dtype = torch.device(a["device"]), getattr(torch, a["dtype"])
+    torch.manual_seed(a["seed"])
+    hf_config = CLIPVisionConfig(hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                                 num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                                 image_size=a["image"], patch_size=a["patch"])
+    hf = CLIPVisionModel(hf_config).to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        ours = vision.CLIPVision(vision.CLIPVisionConfig(
+            hidden_size=a["hidden"], intermediate_size=a["intermediate"], num_hidden_layers=a["layers"],
+            num_attention_heads=a["heads"], image_size=a["image"], patch_size=a["patch"]))
+    ours.load_state_dict(hf.state_dict(), assign=True)  # shares the tensors: one copy of the weights in memory
+    ours.eval()
+    pixels = torch.randn(a["batch"], 3, a["image"], a["image"], device=device, dtype=dtype)
+    layer = a["feature_layer"]
+    runs = {"transformers": lambda: hf(pixels, output_hidden_states=True).hidden_states[layer][:, 1:],
+            "ours": lambda: ours(pixels, layer, "default"),
+            "ours (all blocks)": lambda: ours(pixels, -1, "default")}
+    times = {k: [] for k in runs}
+    with torch.inference_mode():
+        diff = (runs["ours"]().float() - runs["transformers"]().float()).abs().max().item()
+        for r in range(a["rounds"] + 1):  # round 0 warms up and is dropped
+            for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                runs[k]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    times[k].append(a["batch"] / (time.perf_counter() - t0))
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"vision bench: {a['layers']} blocks, width {a['hidden']}, {a['image']} px / {a['patch']} px patches, "
+          f"batch {a['batch']}, {a['dtype']} on {a['device']} ({where}); medians of {a['rounds']} A/B rounds")
+    print(f"max abs difference of the features: {diff:.3g}")
+    result = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:18s} {result[k]:9.3f} images/s  (range {min(v):.3f}-{max(v):.3f}), "
+              f"ratio to transformers {result[k] / result['transformers']:.2f}x")
+    print(json.dumps(result))
+    return result
+
+
+BENCHES = {"lm": (bench_lm, LM_DEFAULTS), "lm-memory": (bench_lm_memory, LM_DEFAULTS),
+           "vision": (bench_vision, VISION_DEFAULTS)}
 
 
 def parse_args(argv):

@@ -26,6 +26,7 @@ Design choices
 """
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -197,7 +198,7 @@ def build_prompt(item):
         lines = [question or REPORT_INSTRUCTION]
     text = "\n".join(lines)
     n_images = len(item["images"])
-    if n_images and text.count(IMAGE_MARKER) != n_images:
+    if text.count(IMAGE_MARKER) != n_images:   # stray markers go; the images go first
         text = f"{IMAGE_MARKER}\n" * n_images + text.replace(IMAGE_MARKER, "")
     return text
 
@@ -219,15 +220,29 @@ def _strip_markup(text):
     return text.replace("**", "").replace("__", "").strip()
 
 
-# A letter token at the start of a text: "B", "(B)", "[B]", "B.", "B)", "B:", optionally after "option ".
-_LEAD_LETTER = re.compile(r"(?:option\s+|choice\s+)?(?P<open>[(\[])?(?P<letter>[A-Za-z])(?![A-Za-z0-9])"
-                          r"(?P<close>[)\]])?", re.IGNORECASE)
-# Joins a second letter to the first: "B or C", "B, C", "B/C", "B and C", "B & C".
-_LETTER_JOIN = re.compile(r"\s*(?:,|/|&|;|\bor\b|\band\b)\s*[(\[]?(?P<letter>[A-Za-z])(?![A-Za-z0-9])",
-                          re.IGNORECASE)
+# A letter token: "B", "(B)", "[B]", "B.", "B)", "B:"; a response may say "option B" or "choice B" first.
+_LETTER_TOKEN = re.compile(r"(?P<open>[(\[])?(?P<letter>[A-Za-z])(?![A-Za-z0-9])(?P<close>[)\]])?")
+_OPTION_WORD = re.compile(r"(?:option|choice)\s+", re.IGNORECASE)
+# What joins a second letter to the first: "B or C", "B, C", "B/C", "B and C", "B & C".
+_LETTER_JOIN = re.compile(r"\s*(?:,|/|&|;|\bor\b|\band\b)\s*", re.IGNORECASE)
 # One-letter English words: "A large mass", "I think", "a mass" read as words, not as options A or I.
 _ONE_LETTER_WORDS = {"A", "a", "I"}
-_LETTER_VERBS = {"is", "was", "seems", "appears", "fits"}   # "A is correct" still names option A
+_LETTER_VERBS = {"is", "was", "seems", "appears", "fits", "or", "and"}   # "A is correct" still names A
+
+
+def _letter_token(text):
+    """(upper-case letter, rest of text) when `text` begins with a letter token, else None."""
+    m = _LETTER_TOKEN.match(text)
+    if not m:
+        return None
+    letter, rest = m.group("letter"), text[m.end():]
+    if not (m.group("open") or m.group("close")):
+        if rest[:1].isalnum():   # a longer word ("É" and other non-ASCII letters included)
+            return None
+        next_word = re.match(r"\s+([a-z]+)\b", rest)
+        if letter in _ONE_LETTER_WORDS and next_word and next_word.group(1) not in _LETTER_VERBS:
+            return None
+    return letter.upper(), rest
 
 
 def _leading_letters(text):
@@ -235,21 +250,14 @@ def _leading_letters(text):
 
     Returns every letter of a joined group ("B or C" -> ["B", "C"]) so that the caller can refuse it.
     """
-    m = _LEAD_LETTER.match(text)
-    if not m:
-        return []
-    letter, rest = m.group("letter"), text[m.end():]
-    bracketed = m.group("open") or m.group("close")
-    if not bracketed and letter in _ONE_LETTER_WORDS:
-        next_word = re.match(r"\s+([a-z]+)\b", rest)
-        if next_word and next_word.group(1) not in _LETTER_VERBS | {"or", "and"}:
-            return []
-    if not bracketed and rest[:1].isalnum():
-        return []
-    letters = [letter.upper()]
-    while (join := _LETTER_JOIN.match(rest)):
-        letters.append(join.group("letter").upper())
-        rest = rest[join.end():]
+    option_word = _OPTION_WORD.match(text)
+    token = _letter_token(text[option_word.end():] if option_word else text)
+    letters = []
+    while token is not None:
+        letter, rest = token
+        letters.append(letter)
+        join = _LETTER_JOIN.match(rest)
+        token = _letter_token(rest[join.end():]) if join else None
     return letters
 
 
@@ -387,8 +395,8 @@ def _ngrams(tokens, n):
 
 
 def corpus_bleu(hypotheses, references, max_order=4, lowercase=False):
-    """Corpus BLEU-`max_order` in 0..100 over (hypothesis, single reference) pairs, equal to
-    `sacrebleu.corpus_bleu(hyps, [refs], max_ngram_order=max_order)` (and its `lowercase`)."""
+    """Corpus BLEU-`max_order` in 0..100 over (hypothesis, single reference) pairs, equal to sacrebleu's
+    `BLEU(max_ngram_order=max_order, lowercase=lowercase).corpus_score(hyps, [refs]).score`."""
     matches, totals = [0] * max_order, [0] * max_order
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references, strict=True):
@@ -438,11 +446,12 @@ def rouge_l(reference, prediction):
     return precision, recall, f
 
 
-# Clinical report metrics need their own packages and model weights; run them only when both are present.
-CLINICAL_METRICS = {   # name -> (python package, environment variable naming a local weights directory)
-    "radgraph_f1": ("radgraph", "MEDGPT_RADGRAPH_WEIGHTS"),
-    "ratescore": ("RaTEScore", "MEDGPT_RATESCORE_WEIGHTS"),
-    "green": ("green_score", "MEDGPT_GREEN_WEIGHTS"),
+# Clinical report metrics need their own packages and model weights; run them only when both are present,
+# and offline: the environment variable names a local directory, nothing is downloaded.
+CLINICAL_METRICS = {   # name -> (python package, environment variable naming the local weights)
+    "radgraph_f1": ("radgraph", "MEDGPT_RADGRAPH_HF_HOME"),      # a Hugging Face cache holding RadGraph's model
+    "ratescore": ("RaTEScore", "MEDGPT_RATESCORE_HF_HOME"),      # a Hugging Face cache holding RaTEScore's models
+    "green": ("green_score", "MEDGPT_GREEN_MODEL"),              # a GREEN model directory (GREEN-radllama2-7b)
 }
 
 
@@ -462,17 +471,22 @@ def clinical_metrics(hypotheses, references):
 
 
 def _run_clinical_metric(name, hypotheses, references, weights):
-    """Call an installed clinical metric on local weights; any failure becomes a 'skipped' note, not a crash."""
+    """Call an installed clinical metric on local weights, offline; a failure becomes a 'skipped' note.
+    (These packages are not installed where this harness is tested: the calls follow their READMEs.)"""
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")   # never download a model
     try:
         if name == "radgraph_f1":
+            os.environ["HF_HOME"] = weights
             from radgraph import F1RadGraph
-            scorer = F1RadGraph(reward_level="partial", model_type=weights)
-            return float(scorer(hyps=hypotheses, refs=references)[0]) * 100
+            return float(F1RadGraph(reward_level="partial")(hyps=hypotheses, refs=references)[0]) * 100
         if name == "ratescore":
+            os.environ["HF_HOME"] = weights
             from RaTEScore import RaTEScore
-            return float(np.mean(RaTEScore(bert_model=weights).compute_score(hypotheses, references))) * 100
+            return float(np.mean(RaTEScore().compute_score(hypotheses, references))) * 100
+        import tempfile
         from green_score import GREEN
-        mean, *_ = GREEN(weights, output_dir=os.devnull)(refs=references, hyps=hypotheses)
+        with tempfile.TemporaryDirectory() as scratch:
+            mean, *_ = GREEN(weights, output_dir=scratch)(references, hypotheses)
         return float(mean) * 100
     except Exception as e:  # a third-party metric must not lose a finished run
         return f"skipped: {name} failed ({type(e).__name__}: {e})"
@@ -572,36 +586,22 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def text_sha256(text):
-    """Hash of a question as the training record writes it: lower case, whitespace collapsed (data/demo.py)."""
-    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
-
-
 def load_training_hashes(paths):
-    """(image hashes, question hashes) from hashes.jsonl files (a directory: every hashes.jsonl under it).
-
-    Two line layouts are read: data/demo.py's `{"kind": "image" | "text", "sha256": ...}` and the converters'
-    `{"image_sha256": ... (or a list), "question_sha256": ...}`."""
-    images, questions = set(), set()
-    for path in paths:
-        path = Path(path)
-        files = sorted(path.rglob("hashes.jsonl")) if path.is_dir() else [path]
-        if not files:
-            raise FileNotFoundError(f"--train_hashes {path}: no hashes.jsonl under it")
-        for file in files:
-            for _, record in read_jsonl(file):
-                if "kind" in record:
-                    (images if record["kind"] == "image" else questions).add(record.get("sha256"))
-                    continue
-                image_hash = record.get("image_sha256")
-                images.update(image_hash if isinstance(image_hash, list) else [image_hash] if image_hash else [])
-                if record.get("question_sha256"):
-                    questions.add(record["question_sha256"])
-    return images, questions
+    """(image hashes, question hashes) of the training data: hashes.jsonl files, or directories searched for them
+    (lines `{"kind": "image" | "text", "sha256": ..., "ref": ...}`, written by data/convert.py and data/demo.py)."""
+    from data.convert import load_hashes
+    for path in map(Path, paths):
+        if not path.exists() or (path.is_dir() and not any(path.rglob("hashes.jsonl"))):
+            raise FileNotFoundError(f"--train_hashes {path}: no hashes.jsonl there (data/convert.py writes one "
+                                    "beside each training set's train.jsonl, data/demo.py one in its out dir)")
+    hashes = load_hashes([str(p) for p in paths])
+    return hashes["image"], hashes["text"]
 
 
 def overlap_warnings(items, train_images, train_questions):
-    """One line per benchmark whose items share an image or question hash with the training record."""
+    """One line per benchmark whose items share an image or question hash with the training record
+    (hashes the item lacks are computed as the converters compute them)."""
+    from data.convert import text_sha256
     counts = {}
     for item in items:
         image_hashes = item.get("image_sha256") or [sha256_file(p) for p in item["image_paths"]]
@@ -721,8 +721,15 @@ def load_model(path, dtype, device):
 
 def load_tokenizer_for(model_dir):
     """The checkpoint's tokenizer.json when it has one, else o200k_harmony built offline."""
+    has_own = (Path(model_dir) / "tokenizer.json").is_file()
+    return _load_tokenizer(str(Path(model_dir).resolve() / "tokenizer.json") if has_own else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path):
+    """Loaded once per process (seconds for o200k's 200k-token vocabulary)."""
     from data.tokenizer import load_tokenizer
-    return load_tokenizer(model_dir if (Path(model_dir) / "tokenizer.json").is_file() else None)
+    return load_tokenizer(path)
 
 
 class Encoder:
@@ -900,9 +907,10 @@ def parse_args(argv=None):
                                    "directory under --data_dir)")
     p.add_argument("--data_dir", help="root of the converted benchmarks: <data_dir>/<bench>/test.jsonl")
     p.add_argument("--out_dir", help="where items.jsonl, results.json, results.md and progress/ go")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="prompts decoded together (predictions do not depend on it)")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="default: 32, or 512 for benchmarks with report items")
+                   help="default: 32; 512 with report items; 1024 with --reasoning")
     p.add_argument("--max_tiles", type=int, default=1, help="image tiles per image (1 = plain LLaVA-1.5)")
     p.add_argument("--reasoning", action="store_true",
                    help="let the model write an analysis message first; the answer is its final-channel message")
@@ -984,20 +992,19 @@ def main(argv=None):
         model, is_multimodal = load_model(args.model, dtype, device)
         encoder = Encoder(load_tokenizer_for(args.model), model, is_multimodal, args.max_tiles, args.reasoning,
                           args.system_prompt)
-        progress_file = open(out_dir / "progress" / f"rank{rank}.jsonl", "a", encoding="utf-8")
         started = time.time()
+        with open(out_dir / "progress" / f"rank{rank}.jsonl", "a", encoding="utf-8") as progress_file:
 
-        def on_batch(batch_items, predictions):
-            for item, prediction in zip(batch_items, predictions):
-                record = make_record(item, prediction, args.lenient)
-                new_records.append(record)
-                progress_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            progress_file.flush()
-            rate = len(new_records) / (time.time() - started)
-            log(f"rank {rank}: {len(new_records)}/{len(mine)} items, {rate:.2f} items/s")
+            def on_batch(batch_items, predictions):   # each finished batch is on disk before the next starts
+                for item, prediction in zip(batch_items, predictions):
+                    record = make_record(item, prediction, args.lenient)
+                    new_records.append(record)
+                    progress_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                progress_file.flush()
+                rate = len(new_records) / (time.time() - started)
+                log(f"rank {rank}: {len(new_records)}/{len(mine)} items, {rate:.2f} items/s")
 
-        predict(model, is_multimodal, encoder, mine, args.batch_size, max_new_tokens, on_batch)
-        progress_file.close()
+            predict(model, is_multimodal, encoder, mine, args.batch_size, max_new_tokens, on_batch)
 
     gathered = all_gather_json(new_records, world, device)
     if rank != 0:

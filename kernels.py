@@ -165,7 +165,7 @@ class _RMSNormTriton(torch.autograd.Function):
         if n_rows > 0:
             _rms_norm_bwd_kernel[(n_programs,)](x2d, weight.contiguous(), dy2d, rstd, dx, dw_partial, n_rows, C,
                                                 BLOCK_C=triton.next_power_of_2(C))
-        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
+        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None  # dx (..., C), dw (C,)
 
 
 def _sm_count(device):
@@ -332,7 +332,8 @@ def _attn_fwd_kernel(Q, K, V, Sinks, DocIds, Out, Lse, T, n_heads, qk_scale,
     if DOT_F32:
         q = q.to(tl.float32)
     # the sink is the first "key": running max = sink, running sum = exp2(sink - sink) = 1, no value
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(Sinks + h).to(tl.float32) * LOG2E
+    sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634  # log2(e): base-2 units, as the scores
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_DOC:
@@ -889,11 +890,14 @@ def _accumulate_dw(dw, grad_logits, x_chunk):
     """dw (V, C) fp32 += grad_logits^T @ x_chunk, accumulating in fp32 without a (V, C) temporary on CUDA."""
     if dw.is_cuda and grad_logits.dtype != torch.float32:
         try:
-            torch.addmm(dw, grad_logits.t(), x_chunk, out_dtype=torch.float32, out=dw)
+            torch.addmm(dw, grad_logits.t(), x_chunk, out_dtype=torch.float32, out=dw)  # (V, n) @ (n, C)
             return
         except (RuntimeError, TypeError):  # older torch: no fp32-output addmm for half inputs
             pass
-    dw += (grad_logits.t() @ x_chunk).float()
+    if grad_logits.dtype == torch.float32 and x_chunk.dtype == torch.float32:
+        dw.addmm_(grad_logits.t(), x_chunk)  # (V, n) @ (n, C), no (V, C) temporary
+    else:
+        dw += (grad_logits.t() @ x_chunk).float()  # (V, n) @ (n, C)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -929,10 +933,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("linear_cross_entropy: a second backward through the same loss is not supported "
+                               "(its stored gradients are scaled in place); recompute the loss instead")
+        ctx.used = True
         dx, dw, divisor = ctx.saved_tensors
         scale = grad_loss.float() / divisor
-        grad_x = (dx * scale).to(dx.dtype) if dx is not None else None
-        grad_w = (dw * scale).to(ctx.weight_dtype) if dw is not None else None
+        # scale in place: at vocab 201088 an extra fp32 copy of dW would be 2.3 GB
+        grad_x = dx.mul_(scale.to(dx.dtype)) if dx is not None else None
+        grad_w = dw.mul_(scale).to(ctx.weight_dtype) if dw is not None else None
         return grad_x, grad_w, None, None, None, None, None, None
 
 

@@ -109,6 +109,10 @@ class GPTConfig:
         d = dict(d)
         if d.get("model_type", "gpt_oss") != "gpt_oss":
             raise ValueError(f"{where}: model_type={d['model_type']!r}, expected 'gpt_oss'")
+        quant = (d.get("quantization_config") or {}).get("quant_method")
+        if quant not in (None, "mxfp4"):
+            raise ValueError(f"{where}: quantization_config.quant_method={quant!r}; only 'mxfp4' (the released "
+                             f"format) or dense checkpoints are supported")
         if "num_experts" in d and "num_local_experts" not in d:
             d["num_local_experts"] = d["num_experts"]  # transformers' attribute_map alias
         # The released config.json has rope_theta + rope_scaling; transformers 5 writes rope_parameters (theta inside).
@@ -459,7 +463,8 @@ class GPT(nn.Module):
         B, T, H = x.shape
         if targets.shape != (B, T):
             raise ValueError(f"GPT.forward: targets have shape {tuple(targets.shape)}, expected {(B, T)}")
-        ce = kernels.linear_cross_entropy(x.reshape(B * T, H), self.lm_head.weight, targets.reshape(B * T))
+        ce = kernels.linear_cross_entropy(x.reshape(B * T, H), self.lm_head.weight,  # (N, H), (V, H)
+                                          targets.reshape(B * T))  # (N,)
         loss, aux = ce, None
         if self.training and self.config.router_aux_loss_coef:
             aux = load_balancing_loss(router_logits, self.config.num_local_experts, self.config.num_experts_per_tok)
@@ -590,10 +595,13 @@ COPY_CHUNK_BYTES = 256 * 2**20  # rows copied at a time from a file into a param
 def mxfp4_dequantize(blocks, scales, dtype=torch.float32):
     """blocks (..., G, 16) uint8, two 4-bit codes per byte (low nibble first); scales (..., G) uint8, each group of
     32 values scaled by 2^(scale - 127). Returns (..., G * 32) in dtype (exact: FP4 times a power of two fits bf16)."""
+    codes = torch.arange(256, device=blocks.device)
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # (..., G, 16) each
-    values = torch.stack([low, high], dim=-1).flatten(-2)  # (..., G, 32): low nibble, then high, byte by byte
-    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)  # (..., G, 32)
+    byte_to_pair = torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=-1)  # (256, 2): a byte's two values
+    scale_of = torch.ldexp(torch.ones(256, device=blocks.device), codes.to(torch.int32) - 127)  # (256,) 2^(s-127)
+    # F.embedding is a fast row gather (about 2x advanced indexing on CPU): one lookup decodes both nibbles
+    values = F.embedding(blocks.long(), byte_to_pair).flatten(-2)  # (..., G, 16, 2) -> (..., G, 32)
+    values = values * F.embedding(scales.long(), scale_of[:, None])  # (..., G, 32) * (..., G, 1)
     return values.flatten(-2).to(dtype)  # (..., G * 32)
 
 
@@ -649,8 +657,8 @@ def _copy_mxfp4(param, blocks_file, scales_file, name):
                 raise ValueError(f"{file}: tensor {name}_{what} is {src.get_dtype()} {tuple(src.get_shape())}, expected "
                                  f"uint8 {want} for a parameter of shape {tuple(param.shape)} (MXFP4 layout)")
         for e in range(E):
-            w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0])  # (out, in) fp32
-            param[e].copy_(w.t())  # (in, out)
+            w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0], param.dtype)  # (out, in)
+            param[e].copy_(w.t())  # (out, in) -> (in, out)
 
 
 @torch.no_grad()
@@ -845,7 +853,13 @@ class MedGPT(nn.Module):
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         self.check_image_tokens(input_ids, n_tiles)
         if n_tiles == 0:
-            return embeds
+            if not (self.training and torch.is_grad_enabled()):
+                return embeds
+            # training: run the tower on zero tiles anyway (adds exactly 0), so every rank runs and backpropagates
+            # through the same ZeRO-3 units whatever its micro-batch holds (zero.py's collectives pair up)
+            size = self.config.vision.image_size
+            empty = embeds.new_zeros(0, self.config.vision.num_channels, size, size)  # (0, 3, S, S)
+            return embeds + 0 * self.image_features(empty).sum().to(embeds.dtype)
         features = self.image_features(pixel_values).to(embeds.dtype)  # (N_tiles, tokens_per_tile, H)
         is_image = (input_ids == self.image_token_id)[..., None]  # (B, T, 1)
         return embeds.masked_scatter(is_image, features)  # fills True positions row-major, in feature order

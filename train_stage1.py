@@ -27,7 +27,7 @@ from model import MedGPT
 STAGE = 1
 PRESETS = {
     # 8 x B200. One epoch of LLaVA-Med's 600K PMC-15M alignment pairs at 128 pairs per step is ~4,700 steps.
-    "medgpt-20b": dict(out_dir="out/stage1", init_from="parts", arch="medgpt-20b", data="data/stage1.json",
+    "medgpt-20b": dict(out_dir="out/stage1", plan_world_size=8, init_from="parts", arch="medgpt-20b", data="data/stage1.json",
                        global_batch=128, micro_batch=8, seq_len=4096, max_steps=4700, lr=2e-3, min_lr=0.0,
                        warmup_frac=0.03, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                        train_vision=False, train_projector=True, train_lm=False, dtype="bfloat16",

@@ -29,7 +29,7 @@ STAGE = 2
 PRESETS = {
     # 8 x B200. 32 rows of 131072 tokens = 4.2M tokens per step (512 rows of 8192 early on); 2,000 steps = 8.4B
     # tokens. micro_batch 1: one row per forward; 4 accumulation steps on 8 GPUs at the longest context.
-    "medgpt-20b": dict(out_dir="out/stage2", init_from="out/stage1/final", arch="medgpt-20b", data="data/stage2.json",
+    "medgpt-20b": dict(out_dir="out/stage2", plan_world_size=8, init_from="out/stage1/final", arch="medgpt-20b", data="data/stage2.json",
                        global_batch=32, micro_batch=1, seq_len=131072, seq_len_schedule="0:8192,0.5:32768,0.8:131072",
                        max_steps=2000, lr=2e-5, min_lr=2e-6, warmup_frac=0.03, weight_decay=0.1, beta1=0.9,
                        beta2=0.95, grad_clip=1.0, dtype="bfloat16", activation_checkpointing=True, ckpt_every=100,

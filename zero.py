@@ -817,7 +817,8 @@ def gpt_oss_block_params(config):
 def gpt_oss_block_activation_bytes(config, tokens, seq_len, dtype_bytes=2, attention="flash"):
     """Bytes one GPT-oss block keeps for backward (everything its forward saves) for `tokens` tokens.
     attention="flash": a fused kernel saves q, k, v, the output and the log-sum-exp per head;
-    attention="torch": kernels.attention_torch also keeps fp32 scores and probabilities, (heads, T, T) per sequence."""
+    attention="torch": kernels.attention_torch also keeps the fp32 probabilities (heads, T, T + 1) and the boolean
+    mask (T, T) per sequence: quadratic in seq_len, which is why the GPU path must be the fused kernel."""
     H, nh, nkv, d = (_cfg(config, k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
     E, I, K = (_cfg(config, k) for k in ("num_local_experts", "intermediate_size", "num_experts_per_tok"))
     per_token = dtype_bytes * (
@@ -830,7 +831,7 @@ def gpt_oss_block_activation_bytes(config, tokens, seq_len, dtype_bytes=2, atten
     per_token += 4 * nh                 # log-sum-exp per head (fp32)
     total = tokens * per_token
     if attention == "torch":
-        total += 3 * 4 * nh * tokens * seq_len  # fp32 (heads, T, S) scores, masked scores, probabilities
+        total += tokens * (4 * nh * (seq_len + 1) + seq_len)
     return total
 
 
@@ -854,12 +855,12 @@ def memory_plan(config, world_size, seq_len, *, micro_batch=1, dtype=torch.bfloa
     master = 0 if dtype == torch.float32 else 4
     tokens = micro_batch * seq_len
     block_act = gpt_oss_block_activation_bytes(config, tokens, seq_len, b, attention)
-    if checkpointing:  # each block keeps its input; one block is recomputed at a time, its gradients alongside
-        activations = L * tokens * H * b + 2 * block_act
-    else:
-        activations = L * block_act + block_act
-    # fused loss: fp32 logits of one chunk and their gradient, the fp32 dW accumulator, the hidden states' grad
-    loss = 2 * min(ce_chunk_bytes, tokens * V * 4) + V * H * 4 + tokens * H * 4
+    # saved for backward: each block's input under checkpointing, else everything each block saves; plus the
+    # working set of one block (its recomputation, or the forward temporaries of the last one)
+    saved = L * tokens * H * b if checkpointing else L * block_act
+    activations = saved + block_act
+    # fused loss: fp32 logits of one chunk (overwritten by their gradient), the fp32 dW accumulator, the fp32 dx
+    loss = min(ce_chunk_bytes, tokens * V * 4) + V * H * 4 + tokens * H * 4
     largest = max(units + [0])
     # gathered: the root for the whole step, the running unit and the prefetched one; gradient staging: the
     # unit's parameter gradients plus its flat reduce buffer and the one in flight

@@ -20,6 +20,7 @@ Design choices
   exactly the next batch, and refuses a different data set, seed or global batch size.
 """
 import hashlib
+import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -53,6 +54,12 @@ def epoch_members(parts, kept, seed, epoch) -> list:
 
 
 class DataLoader:
+    """This rank's micro-batches for each global step of one data set (see the module docstring).
+
+    dataset: data.datasets.Dataset. seq_len: the row length (packing) or the cut for over-long samples.
+    global_batch_size: rows per optimizer step over all ranks. workers: "thread" | "process"; num_workers=0
+    decodes inline. load_images=False skips pixels (pixel_values None) for token-only uses.
+    """
 
     def __init__(self, dataset, *, seq_len, global_batch_size, micro_batch_size, seed=0, rank=0, world_size=1,
                  packing=False, max_tiles=1, image_size=336, num_workers=2, workers="thread", prefetch=2,
@@ -85,7 +92,9 @@ class DataLoader:
                 self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="medgpt-images")
             elif workers == "process":
                 import multiprocessing
-                self.pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+                # one torch thread per worker process: num_workers processes already fill the cores
+                self.pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=torch.set_num_threads, initargs=(1,))
             else:
                 raise ValueError(f"workers must be 'thread' or 'process', got {workers!r}")
         self._pending = {}  # step -> list (per micro-batch) of lists of futures
@@ -94,9 +103,10 @@ class DataLoader:
     # the row stream
 
     def _fingerprint(self) -> str:
+        """Identifies the data a state belongs to; by file name and line, so the folder may move on resume."""
         h = hashlib.sha256()
         for s in self.samples:
-            h.update(b"-" if s is None else f"{s.source}:{len(s.ids)}:{sum(s.ids)}".encode())
+            h.update(b"-" if s is None else f"{os.path.basename(s.source)}:{len(s.ids)}:{s.ids[:16]}:{s.ids[-16:]}".encode())
         for path, start, end, weight in self.dataset.parts:
             h.update(f"{start}:{end}:{weight}".encode())
         h.update(f"{self.seq_len}:{self.packing}".encode())

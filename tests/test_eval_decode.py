@@ -69,7 +69,7 @@ def run_eval(model_dir, benches, out_dir, *extra):
 def test_prompt_ids_equal_openai_harmony(harmony_enc):
     """Our prompt + the model's answer + <|return|> is exactly harmony's rendering of that conversation."""
     from openai_harmony import Conversation, Message, Role
-    tok = T.load_tokenizer()
+    tok = ev.load_tokenizer_for(FIXTURES)
     encoder = ev.Encoder(tok)
     for bench in ("medqa", "pubmedqa"):
         item = ev.load_items(FIXTURES, bench)[0]
@@ -85,26 +85,34 @@ def test_prompt_ids_equal_openai_harmony(harmony_enc):
 
 def test_image_prompt_holds_one_run_per_tile(medgpt_dir):
     model, _ = ev.load_model(medgpt_dir, torch.float32, "cpu")
-    encoder = ev.Encoder(T.load_tokenizer(), model, is_multimodal=True)
+    encoder = ev.Encoder(ev.load_tokenizer_for(FIXTURES), model, is_multimodal=True)
     item = ev.load_items(FIXTURES, "medframeqa")[0]
     ids = encoder.prompt_ids(item)
     assert ids.count(model.image_token_id) == 4 * model.tokens_per_tile == 64
     assert encoder.pixel_values(item).shape == (4, 3, 56, 56)
-    tiled = ev.Encoder(T.load_tokenizer(), model, is_multimodal=True, max_tiles=4)
+    tiled = ev.Encoder(ev.load_tokenizer_for(FIXTURES), model, is_multimodal=True, max_tiles=4)
     wide = ev.load_items(FIXTURES, "pmc_vqa")[0]   # 64 x 40 px: more than one tile, plus a thumbnail
     n_tiles = tiled.pixel_values(wide).shape[0]
     assert n_tiles == V.num_tiles(64, 40, 4, 56) > 1
     assert tiled.prompt_ids(wide).count(model.image_token_id) == n_tiles * 16
 
 
-def test_batch_size_does_not_change_predictions(medgpt_dir, tmp_path):
-    one = run_eval(medgpt_dir, IMAGE_BENCHES, tmp_path / "b1", "--batch_size", "1", "--max_new_tokens", "6")
-    eight = run_eval(medgpt_dir, IMAGE_BENCHES, tmp_path / "b8", "--batch_size", "8", "--max_new_tokens", "6")
+@pytest.fixture(scope="module")
+def image_runs(medgpt_dir, tmp_path_factory):
+    """The image benchmarks' fixtures decoded at batch size 1 and at batch size 8 (11 items: two batches)."""
+    out = tmp_path_factory.mktemp("image_runs")
+    one = run_eval(medgpt_dir, IMAGE_BENCHES, out / "b1", "--batch_size", "1", "--max_new_tokens", "6")
+    eight = run_eval(medgpt_dir, IMAGE_BENCHES, out / "b8", "--batch_size", "8", "--max_new_tokens", "6")
+    return one, eight, out
+
+
+def test_batch_size_does_not_change_predictions(image_runs):
+    one, eight, out = image_runs
     assert len(one) == 11
     assert [r["prediction"] for r in one] == [r["prediction"] for r in eight]
     assert [r["id"] for r in one] == [r["id"] for r in eight]
     assert sum(bool(r["prediction"]) for r in one) >= 9   # a random model still says something
-    assert json.loads((tmp_path / "b1" / "results.json").read_text())["benchmarks"].keys() == \
+    assert json.loads((out / "b1" / "results.json").read_text())["benchmarks"].keys() == \
         {"slake", "mmmu_med", "medframeqa", "pmc_vqa", "medqa", "mimic_cxr"}
 
 
@@ -122,16 +130,17 @@ def greedy_without_cache(model, ids, pixels, n):
     return new
 
 
-def test_predictions_equal_cache_free_greedy_decoding(medgpt_dir, tmp_path):
-    records = run_eval(medgpt_dir, "medframeqa,slake,medqa", tmp_path / "out", "--batch_size", "4",
-                       "--max_new_tokens", "5")
+def test_predictions_equal_cache_free_greedy_decoding(medgpt_dir, image_runs):
+    """Batched, left-padded, KV-cached decoding at batch 8 = a plain argmax loop over full forward passes."""
+    records = [r for r in image_runs[1] if r["benchmark"] in ("medframeqa", "medqa") or r["id"] == "slake-00001"]
     model, _ = ev.load_model(medgpt_dir, torch.float32, "cpu")
-    tok = T.load_tokenizer()
+    tok = ev.load_tokenizer_for(FIXTURES)
     encoder = ev.Encoder(tok, model, is_multimodal=True)
     items = {i["id"]: i for b in ("medframeqa", "slake", "medqa") for i in ev.load_items(FIXTURES, b)}
+    assert len(records) == 4
     for record in records:
         item = items[record["id"]]
-        new = greedy_without_cache(model, encoder.prompt_ids(item), encoder.pixel_values(item), 5)
+        new = greedy_without_cache(model, encoder.prompt_ids(item), encoder.pixel_values(item), 6)
         assert record["prediction"] == ev.final_channel_text(tok, new), record["id"]
 
 
@@ -140,7 +149,7 @@ def test_text_only_gpt_checkpoint(gpt_dir, tmp_path):
     assert [r["benchmark"] for r in records] == TEXT_BENCHES.split(",")
     model, is_multimodal = ev.load_model(gpt_dir, torch.float32, "cpu")
     assert not is_multimodal
-    tok = T.load_tokenizer()
+    tok = ev.load_tokenizer_for(FIXTURES)
     item = ev.load_items(FIXTURES, "medqa")[0]
     prompt = ev.Encoder(tok).prompt_ids(item)
     new = []
@@ -190,7 +199,7 @@ def test_later_runs_keep_earlier_benchmarks(gpt_dir, tmp_path):
 
 
 def test_final_channel_text_with_reasoning():
-    tok = T.load_tokenizer()
+    tok = ev.load_tokenizer_for(FIXTURES)
     enc = lambda text: T.encode_ordinary(tok, text)  # noqa: E731
     analysis = [T.CHANNEL] + enc("analysis") + [T.MESSAGE] + enc("The angle is blunted.") + [T.END]
     final = [T.START] + enc("assistant") + [T.CHANNEL] + enc("final") + [T.MESSAGE] + enc(" B ") + [T.RETURN]

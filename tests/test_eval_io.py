@@ -50,6 +50,8 @@ def test_multi_image_items():
     second = ev.load_items(FIXTURES, "mmmu_med")[1]
     second = dict(second, images=second["images"] * 2)
     assert ev.build_prompt(second).startswith("<image>\n<image>\nA 45-year-old presents with chest pain.  What")
+    text_only = dict(second, images=[])   # a marker without an image would break the harmony renderer
+    assert "<image>" not in ev.build_prompt(text_only)
 
 
 def test_prompt_per_question_type():
@@ -176,10 +178,11 @@ def test_overlap_warning(tmp_path):
     items = ev.load_items(FIXTURES, "slake") + ev.load_items(FIXTURES, "medqa")
     slake_image = hashlib.sha256(Path(items[2]["image_paths"][0]).read_bytes()).hexdigest()
     medqa_question = items[-1]["question_sha256"]
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "hashes.jsonl").write_text(
-        json.dumps({"image_sha256": slake_image, "question_sha256": "0" * 64}) + "\n"
-        + json.dumps({"image_sha256": None, "question_sha256": medqa_question}) + "\n")
+    (tmp_path / "train" / "pmc-oa").mkdir(parents=True)
+    (tmp_path / "train" / "pmc-oa" / "hashes.jsonl").write_text(   # data/convert.py's layout
+        json.dumps({"kind": "image", "sha256": slake_image, "ref": "imgs/a.png"}) + "\n"
+        + json.dumps({"kind": "text", "sha256": "0" * 64, "ref": "imgs/a.png"}) + "\n"
+        + json.dumps({"kind": "text", "sha256": medqa_question, "ref": "q7"}) + "\n")
     train_images, train_questions = ev.load_training_hashes([tmp_path / "train"])
     warnings = ev.overlap_warnings(items, train_images, train_questions)
     assert len(warnings) == 2
@@ -189,6 +192,8 @@ def test_overlap_warning(tmp_path):
     bare = [dict(i, image_sha256=None) for i in items[:3]]
     assert "slake-00003" in ev.overlap_warnings(bare, train_images, set())[0]
     assert ev.overlap_warnings(items, set(), set()) == []
+    with pytest.raises(FileNotFoundError, match="no hashes.jsonl there"):
+        ev.load_training_hashes([tmp_path / "train" / "missing"])
 
 
 def test_overlap_with_demo_hash_layout(tmp_path):
@@ -202,3 +207,43 @@ def test_overlap_with_demo_hash_layout(tmp_path):
                                    *ev.load_training_hashes([tmp_path / "hashes.jsonl"]))
     assert len(warnings) == 1 and "vqa_rad: 0 item(s) share an image and 1 a question" in warnings[0]
     assert "vqa_rad-00001" in warnings[0] and "vqa_rad-00002" not in warnings[0]
+
+
+# data/convert.py's output, read by eval.py: (converter, raw fixture in tests/fixtures, images to create, benchmarks)
+CONVERTED = [
+    ("slake", "slake", ["Slake1.0/imgs/xmlab102/source.jpg", "Slake1.0/imgs/xmlab7/source.jpg"], ["slake"]),
+    ("vqa-rad", "vqa_rad", ["VQA_RAD Image Folder/synpic54610.jpg", "VQA_RAD Image Folder/synpic29265.jpg"],
+     ["vqa_rad"]),
+    ("pmc-vqa", "pmc_vqa", ["images/PMC8253797_Fig1_41.jpg", "images/PMC8253800_Fig2_1.jpg"], ["pmc_vqa"]),
+    ("medxpertqa", "medxpertqa", ["images/MM-0-a.jpeg", "images/MM-0-b.jpeg"], ["medxpertqa_mm", "medxpertqa_text"]),
+    ("medqa", "medqa", [], ["medqa"]),
+    ("medmcqa", "medmcqa", [], ["medmcqa"]),
+    ("pubmedqa", "pubmedqa", [], ["pubmedqa"]),
+    ("medbullets", "medbullets", [], ["medbullets"]),
+    ("mimic-cxr", "mimic_cxr", ["files/p10/p10000032/s50414267/d1a.jpg", "files/p10/p10000032/s50414267/d1b.jpg",
+                                "files/p10/p10000032/s53189527/d2a.jpg", "files/p10/p10000764/s56699142/d3a.jpg"],
+     ["mimic_cxr"]),
+]
+
+
+def gold_response(item):
+    """How a right model answer looks: the letter, 'Yes.', the answer text."""
+    return {"multiple_choice": f"{item['answer']}.", "yes_no": f"{item['answer'].capitalize()}."}.get(
+        item["question_type"], item["answer"])
+
+
+@pytest.mark.parametrize("name,fixture,images,benches", CONVERTED, ids=[c[0] for c in CONVERTED])
+def test_converter_output_is_read_and_scored(tmp_path, name, fixture, images, benches):
+    from data import convert
+    from test_convert import fixture as raw_fixture
+    src = raw_fixture(fixture, tmp_path, images)
+    convert.convert(name, src, str(tmp_path / "out"))
+    for bench in benches:
+        items = ev.load_items(tmp_path / "out", bench)
+        assert items
+        for item in items:
+            assert ev.build_prompt(item).count("<image>") == len(item["image_paths"])
+            record = ev.make_record(item, gold_response(item))
+            assert record["correct"] is True or (item["question_type"] == "report" and record["rouge_l"] == 1.0)
+            wrong = ev.make_record(item, "I cannot tell from this image.")
+            assert not wrong["correct"]

@@ -1,6 +1,7 @@
 """Report metrics of eval.py against the reference packages: sacrebleu (BLEU-1..4) and rouge-score (ROUGE-L),
 and the bootstrap interval against a plain re-computation."""
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -106,3 +107,24 @@ def test_bootstrap_interval():
     assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(0.7 * 0.3 / 100) * 100, rel=0.15)
     assert ev.bootstrap_ci([1.0] * 5) == [100.0, 100.0]
     assert ev.bootstrap_ci([]) is None
+
+
+def test_clinical_metrics_are_skipped_with_a_reason(monkeypatch, tmp_path):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MEDGPT_GREEN_MODEL", "MEDGPT_RATESCORE_HF_HOME"):
+        monkeypatch.setenv(key, "recorded")   # so that monkeypatch restores what the metrics code sets
+        monkeypatch.delenv(key)
+    notes = ev.clinical_metrics(["a"], ["b"])   # none of the packages is installed here
+    assert notes == {"radgraph_f1": "skipped: package 'radgraph' is not installed",
+                     "ratescore": "skipped: package 'RaTEScore' is not installed",
+                     "green": "skipped: package 'green_score' is not installed"}
+    # "installed" (a stand-in spec) but no weights: says which variable to set
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("green_score", "RaTEScore") else real_find_spec(name, *a))
+    monkeypatch.setenv("MEDGPT_GREEN_MODEL", str(tmp_path))
+    notes = ev.clinical_metrics(["a"], ["b"])
+    assert notes["ratescore"] == "skipped: set MEDGPT_RATESCORE_HF_HOME to a local directory holding its weights"
+    # weights given but the package breaks: the run survives, offline mode was on
+    assert notes["green"].startswith("skipped: green failed (ModuleNotFoundError")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"

@@ -323,6 +323,23 @@ def test_moe_experts_matches_reference_and_transformers(triton_path):
         torch.testing.assert_close(results[0], oracle(x, top_idx, top_w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
+def test_grouped_linear_matches_torch_grouped_mm():
+    """Our Triton grouped GEMM (forward, dx, dW) against torch._grouped_mm, an independent implementation;
+    group sizes 0, 1 and ragged; 16-byte-aligned strides as _grouped_mm needs on CPU."""
+    E, K_in, N_out = 4, 24, 20
+    counts = torch.tensor([5, 0, 1, 33])
+    flat_expert = torch.repeat_interleave(torch.arange(E), counts)  # rows already sorted by expert
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(int(counts.sum()), K_in, generator=g), torch.randn(E, K_in, N_out, generator=g)
+    (bm, _, _, _), _ = kernels._grouped_mm_config()
+    plan = kernels._moe_plan(flat_expert, E, bm)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    results = run_both(lambda a, w: kernels._GroupedLinear.apply(a, w, None, *plan),
+                       lambda a, w: torch._grouped_mm(a, w, offs=offs), [a, w])
+    assert_close_all(*results, 1e-5, 1e-5)
+
+
 def test_moe_experts_half_precision(triton_path):
     N, H, I, E, K = 13, 16, 24, 4, 2
     top_idx, top_w = routing(N, E, K, seed=2)
@@ -381,3 +398,75 @@ def test_whole_model_triton_equals_torch(monkeypatch, packed):
             monkeypatch.setenv("MEDGPT_KERNELS", path)
             losses[path] = model(idx, **extra)[0]
     torch.testing.assert_close(losses["triton"], losses["torch"], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ CE memory
+
+CE_MEMORY_SCRIPT = r"""
+import json, resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import kernels
+path, n_tokens, dim, chunk_bytes = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+kernels.CE_CHUNK_BYTES = chunk_bytes
+V = 201088
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n_tokens, dim, generator=g).requires_grad_()
+weight = (torch.randn(V, dim, generator=g) * 0.02).requires_grad_()
+targets = torch.randint(0, V, (n_tokens,), generator=g)
+fn = kernels.linear_cross_entropy_torch if path == "plain" else kernels.linear_cross_entropy_chunked
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+before = rss_kib()
+loss = fn(x, weight, targets)
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+print(json.dumps({"path": path, "loss": loss.item(), "peak_over_inputs_mib": (peak - before) / 1024}))
+"""
+
+
+def measure_ce_peak(path, n_tokens, dim, chunk_bytes):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MEDGPT_KERNELS": "torch"}
+    out = subprocess.run([sys.executable, "-c", CE_MEMORY_SCRIPT, root, path, str(n_tokens), str(dim),
+                          str(chunk_bytes)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_chunked_cross_entropy_peak_memory_at_full_vocabulary():
+    """Vocabulary 201088, 512 tokens: the chunked loss (chunks of 41 tokens) needs a small fraction of the plain
+    path's extra memory (the plain path holds (N, V) fp32 logits, their softmax and their gradient)."""
+    plain = measure_ce_peak("plain", 512, 64, 32 << 20)
+    chunked = measure_ce_peak("chunked", 512, 64, 32 << 20)
+    print(f"\nCE peak memory over inputs, V=201088, N=512, C=64: plain {plain['peak_over_inputs_mib']:.0f} MiB, "
+          f"chunked {chunked['peak_over_inputs_mib']:.0f} MiB")
+    assert abs(plain["loss"] - chunked["loss"]) < 1e-4 * abs(plain["loss"])
+    assert chunked["peak_over_inputs_mib"] < 0.25 * plain["peak_over_inputs_mib"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """gpu_check.py --dry (CPU, interpreter, tiny shapes) runs every section without an error and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    summary_path = tmp_path / "gpu_check.json"
+    out = subprocess.run([sys.executable, os.path.join(root, "gpu_check.py"), "--dry", f"--out={summary_path}"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    errors = {name: s for name, s in summary["sections"].items() if isinstance(s, dict) and "error" in s}
+    assert not errors, errors
+    skipped = [name for name, s in summary["sections"].items() if s == "skipped: budget"]
+    assert not skipped, skipped
+    checks = summary["verdicts"]["checks_passed"]
+    assert len(checks) >= 9 and all(checks.values()), checks

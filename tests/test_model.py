@@ -431,5 +431,7 @@ def test_bad_checkpoints_get_clear_errors(ckpt, tmp_path):
         M.GPTConfig.from_dict(cfg)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         M.GPTConfig.from_dict(dict(json.loads(cfg_text), tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="quant_method='fp8'"):
+        M.GPTConfig.from_dict(dict(json.loads(cfg_text), quantization_config={"quant_method": "fp8"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
         M.GPTConfig.from_dict(dict(json.loads(cfg_text), model_type="llama"))

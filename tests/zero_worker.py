@@ -4,6 +4,7 @@ clipping, weight decay and frozen parameters, under one of
   ref    plain PyTorch, one process, torch.optim.AdamW + clip_grad_norm_ (the oracle)
   zero   zero.ZeRO3 (meta-device start from --init, shard-wise load); optional --save_at
   resume zero.ZeRO3 resumed from --resume (a checkpoint written by any number of processes)
+  mem    peak memory of ZeRO3 steps (PyTorch's MemTracker) beside zero.memory_plan
   fsdp2  torch.distributed.fsdp.fully_shard on the same units, torch.optim.AdamW
 and writes <out>/<tag>.safetensors (final weights, full) and <out>/<tag>.json (numbers). Launched with
 `python -m torch.distributed.run --nproc_per_node N tests/zero_worker.py ...` or plain python (one process).
@@ -140,9 +141,40 @@ def run_fsdp2(args, rank, world_size):
     write(args.out, "fsdp2", rank, ((n, p.full_tensor()) for n, p in model.named_parameters()), {"losses": losses})
 
 
+def run_mem(args, rank, world_size):
+    """Peak memory of two ZeRO3 steps measured by PyTorch's MemTracker, beside zero.memory_plan's prediction."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    cfg = GPTConfig.preset("tiny", vocab_size=2048, num_hidden_layers=4, router_aux_loss_coef=0.0)
+    results = []
+    for checkpointing, B, T in ((True, 2, 128), (False, 2, 64), (True, 4, 256)):
+        torch.manual_seed(0)
+        tracker = MemTracker()
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model._inv_freq, model.attention_factor = rope_inv_freq(cfg)
+        with tracker:  # meta start: the full model is never allocated, so the peak is the training step's
+            z = zero.ZeRO3(model, list(model.model.layers), checkpointing=checkpointing,
+                           load=lambda name, start, end: 0.02 * torch.randn(end - start))
+            for _ in range(2):
+                tracker.reset_mod_stats()
+                idx, targets = torch.randint(0, cfg.vocab_size, (2, B, T))
+                _, loss = z.model(idx, targets)
+                loss.backward()
+                z.clip_grad_norm_(1.0)
+                z.step()
+        measured = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+        plan = zero.memory_plan(cfg, world_size, T, micro_batch=B, dtype=torch.float32, checkpointing=checkpointing,
+                                attention="torch")
+        results.append({"checkpointing": checkpointing, "B": B, "T": T, "measured_bytes": measured,
+                        "planned_bytes": plan["total"] * zero.GiB, "plan": plan})
+    if rank == 0:
+        with open(os.path.join(args.out, f"mem_ws{world_size}.json"), "w") as f:
+            json.dump(results, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", required=True, help="comma list of ref, zero, fsdp2, resume")
+    ap.add_argument("--jobs", required=True, help="comma list of ref, zero, fsdp2, resume, mem")
     ap.add_argument("--init", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="zero")
@@ -161,6 +193,8 @@ def main():
             run_zero(args, rank, world_size, args.tag, "")
         elif job == "resume":
             run_zero(args, rank, world_size, args.resume_tag, args.resume)
+        elif job == "mem":
+            run_mem(args, rank, world_size)
         elif job == "fsdp2":
             run_fsdp2(args, rank, world_size)
     if dist.is_initialized():

@@ -1,0 +1,75 @@
+"""
+Stage 3 of MedGPT-oss: instruction tuning. Everything trains on a mixture of multimodal and text-only
+instructions rendered as harmony chats; the loss is on the assistant's output only.
+
+    torchrun --nproc_per_node 8 train_stage3.py --init_from=out/stage2/final --data=instructions.json
+    python train_stage3.py --preset=tiny --init_from=out/demo/stage2/final --data=out/demo/data/stage3.json
+
+Design choices
+- Starts from stage 2's final model (LLaVA format, `MedGPT.from_pretrained`).
+- Data: LLaVA-layout conversations rendered in harmony (data/harmony.py): user turns, assistant answers in the
+  final channel (an optional "thinking" in the analysis channel), `<|return|>` after the last answer. Targets
+  are -100 everywhere but the assistant's output, so the model learns to answer, not to ask.
+- One conversation per row (no packing), rows of a micro-batch padded to the longest: LLaVA's batching, and
+  `global_batch` then counts conversations as LLaVA-Med's 128 does.
+- `--system_prompt` renders the same system message before every conversation; give eval.py the same one.
+- Recipe (LLaVA-Med's instruction tuning): lr 2e-5, global batch 128, warm-up 3%, cosine, no weight decay,
+  3 epochs; context 8192, enough for several images and a long answer.
+"""
+import json
+import sys
+
+import torch
+
+import training
+from data.datasets import ImageTokens, load_dataset
+from data.tokenizer import load_tokenizer
+from model import MedGPT
+
+STAGE = 3
+PRESETS = {
+    # 8 x B200. 3 epochs of ~60K instructions at 128 per step is ~1,400 steps; 4 rows per GPU, 4 accumulation steps.
+    "medgpt-20b": dict(out_dir="out/stage3", plan_world_size=8, init_from="out/stage2/final", arch="medgpt-20b", data="data/stage3.json",
+                       global_batch=128, micro_batch=4, seq_len=8192, max_steps=1400, lr=2e-5, min_lr=0.0,
+                       warmup_frac=0.03, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, dtype="bfloat16",
+                       activation_checkpointing=True, ckpt_every=200, log_every=1),
+    # A laptop CPU, the demo data.
+    "tiny": dict(out_dir="out/demo/stage3", init_from="out/demo/stage2/final", arch="tiny",
+                 data="out/demo/data/stage3.json", global_batch=8, micro_batch=2, seq_len=512, max_steps=60,
+                 lr=1e-3, min_lr=1e-4, warmup_frac=0.05, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
+                 dtype="float32", ckpt_every=0, log_every=5),
+}
+
+
+def main(argv):
+    cfg = training.stage_config(PRESETS, argv)
+    run = training.setup(cfg)
+    if cfg.dry_run:
+        print(json.dumps(training.dry_run(cfg, STAGE, run.world_size)))
+        return
+
+    model = MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32)  # fp32: ZeRO3 casts to cfg.dtype
+    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
+    training.freeze_unused(model)
+    tok = load_tokenizer(cfg.init_from if training.has_tokenizer(cfg.init_from) else None)
+    vision_cfg = model.config.vision
+    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
+                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
+    dataset = load_dataset(cfg.data, STAGE, tok, image_tokens, system_prompt=cfg.system_prompt or None)
+
+    fm = training.flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
+    engine = training.build_engine(cfg, model, run)
+
+    def loader_for(seq_len, rows, phase):
+        return training.make_loader(cfg, dataset, run, seq_len, rows, phase, packing=False,
+                                    image_size=vision_cfg.image_size)
+
+    training.train(cfg, "stage3", model, engine, loader_for, run, fm)
+    path = training.save_final(engine, model, cfg, run, tok)
+    if run.is_main:
+        print(f"stage3: final model in {path}", flush=True)
+    training.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
