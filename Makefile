@@ -24,7 +24,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	@echo "demo: filled in by the training pipeline"
+	rm -rf out/demo
+	$(PY) -m data.demo --out out/demo/data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train_stage1.py --preset=tiny
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train_stage2.py --preset=tiny
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train_stage3.py --preset=tiny
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 eval.py --model out/demo/stage3/final --bench demo-vqa \
+		--data_dir out/demo/data/eval --out_dir out/demo/eval --batch_size 16
+	$(PY) training.py demo-report out/demo
 
 clean:
 	rm -rf $(VENV) out

@@ -193,7 +193,8 @@ def bench_vision(a):
         ours = vision.CLIPVision(vision.CLIPVisionConfig(
             hidden_size=a["hidden"], intermediate_size=a["intermediate"], num_hidden_layers=a["layers"],
             num_attention_heads=a["heads"], image_size=a["image"], patch_size=a["patch"]))
-    ours.load_state_dict(hf.state_dict(), assign=True)  # shares the tensors: one copy of the weights in memory
+    state = {k.removeprefix("vision_model."): t for k, t in hf.state_dict().items()}  # older transformers nest it
+    ours.load_state_dict(state, assign=True)  # shares the tensors: one copy of the weights in memory
     ours.eval()
     pixels = torch.randn(a["batch"], 3, a["image"], a["image"], device=device, dtype=dtype)
     layer = a["feature_layer"]
@@ -225,8 +226,93 @@ def bench_vision(a):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------
+# train (engineer G): the tiny preset's training step, ours (ZeRO3 + training.py's loop body) vs plain torch
+
+TRAIN_DEFAULTS = dict(batch=2, seq=256, micro=2, rounds=5, seed=0, threads=0)
+
+
+def train_batches(a, config):
+    """Micro-batches of the tiny preset's shape: each row opens with one image (64 image tokens), then text."""
+    g = torch.Generator().manual_seed(a["seed"])
+    out = []
+    for _ in range(a["micro"]):
+        ids = torch.randint(0, 199000, (a["batch"], a["seq"]), generator=g)
+        ids[:, 1:1 + config.tokens_per_tile] = config.image_token_index
+        targets = torch.randint(0, 199000, (a["batch"], a["seq"]), generator=g)
+        targets[:, :1 + config.tokens_per_tile] = -100
+        size = config.vision.image_size
+        out.append({"input_ids": ids, "targets": targets, "pixel_values": torch.randn(a["batch"], 3, size, size,
+                                                                                      generator=g),
+                    "doc_ids": None, "position_ids": None})
+    return out
+
+
+def bench_train(a):
+    """Tokens/s and MFU of one optimizer step of the tiny preset (fp32, everything trains, `micro` accumulation
+    steps): ZeRO3 + training.forward_backward + clipping + sharded AdamW, against a plain PyTorch loop on the same
+    model and batches (torch.optim.AdamW, clip_grad_norm_, no sharding). One process; A/B alternating rounds."""
+    import training
+    import zero
+    from model import MedGPT
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    config = training.arch_config("tiny")
+    cfg = training.TrainConfig(dtype="float32", lr=1e-4, weight_decay=0.1, grad_clip=1.0, global_batch=a["batch"] * a["micro"],
+                               micro_batch=a["batch"])
+    run = training.Run(0, 1, torch.device("cpu"), torch.float32)
+    torch.manual_seed(a["seed"])
+    ours, plain = MedGPT(config), MedGPT(config)
+    plain.load_state_dict(ours.state_dict())
+    for m in (ours, plain):
+        training.freeze_unused(m)
+    fm = training.flops_model(ours, cfg)
+    engine = training.build_engine(cfg, ours, run)
+    opt = torch.optim.AdamW(zero.adamw_param_groups(plain, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    batches = train_batches(a, config)
+    flops = training.step_flops(fm, batches)
+    peak_name, peak = training.device_peak_tflops(run.device, run.dtype)
+
+    def step_ours():
+        training.forward_backward(ours, batches, run)
+        engine.clip_grad_norm_(cfg.grad_clip)
+        engine.step(cfg.lr)
+
+    def step_plain():
+        n_total = sum(int((b["targets"] != -100).sum()) for b in batches)
+        for b in batches:
+            _, loss = plain(b["input_ids"], b["pixel_values"], b["targets"])
+            (loss * int((b["targets"] != -100).sum()) / n_total).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in plain.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ours.train(), plain.train()
+    times = {"ours": [], "plain": []}
+    steps = {"ours": step_ours, "plain": step_plain}
+    for r in range(a["rounds"] + 1):  # round 0 warms up and is dropped
+        for k in (["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]):
+            t0 = time.perf_counter()
+            steps[k]()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    tokens = a["micro"] * a["batch"] * a["seq"]
+    print(f"train bench: tiny preset (vocab 201088), fp32 CPU, {torch.get_num_threads()} threads, {a['micro']} x "
+          f"({a['batch']} x {a['seq']}) tokens per step; {peak_name} peak {peak * 1e3:.1f} GFLOP/s; "
+          f"medians of {a['rounds']} A/B rounds")
+    result = {}
+    for k in times:
+        med = statistics.median(times[k])
+        result[k] = {"step_s": med, "tokens_per_s": tokens / med, "mfu": flops / med / (peak * 1e12)}
+        print(f"{k:6s} step {med:6.3f} s  {tokens / med:8.1f} tok/s  MFU {100 * result[k]['mfu']:5.2f}%  "
+              f"(range {min(times[k]):.3f}-{max(times[k]):.3f} s)")
+    result["ratio"] = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+    print(json.dumps(result))
+    return result
+
+
 BENCHES = {"lm": (bench_lm, LM_DEFAULTS), "lm-memory": (bench_lm_memory, LM_DEFAULTS),
-           "vision": (bench_vision, VISION_DEFAULTS)}
+           "vision": (bench_vision, VISION_DEFAULTS), "train": (bench_train, TRAIN_DEFAULTS)}
 
 
 def parse_args(argv):

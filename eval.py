@@ -613,7 +613,8 @@ def overlap_warnings(items, train_images, train_questions):
             bench["questions"] += hit_question
             bench["ids"].append(item["id"])
     return [f"WARNING: {bench}: {c['images']} item(s) share an image and {c['questions']} a question with the "
-            f"training data (e.g. ids {', '.join(map(str, c['ids'][:5]))}); their scores are not held-out"
+            f"training data (e.g. ids {', '.join(map(str, c['ids'][:5]))}); a shared image means the item may "
+            "have been seen in training (a shared question alone can be a template)"
             for bench, c in counts.items()]
 
 
@@ -1016,7 +1017,8 @@ def main(argv=None):
     ordered = [make_record(item, by_key.pop((item["benchmark"], item["id"]))["prediction"], args.lenient)
                for item in items]
     ordered += [r for key, r in by_key.items() if key[0] not in benches]   # earlier runs' other benchmarks stay
-    results, table = write_outputs(out_dir, ordered, warnings, model_name=Path(args.model).name)
+    model_name = "/".join(Path(args.model).resolve().parts[-2:])   # "stage3/final", not just "final"
+    results, table = write_outputs(out_dir, ordered, warnings, model_name=model_name)
     for file in (out_dir / "progress").glob("rank*.jsonl"):
         file.unlink()
     print(table)

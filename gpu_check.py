@@ -279,10 +279,10 @@ def check_train_step():
     attn = sum(attention_flops(B, T, config.num_attention_heads, config.head_dim, w) for w in windows)
     dense = 6 * counts["active"] * B * T
     tflops = (dense + attn) / ms / 1e9
-    result = {"layers": config.num_hidden_layers, "tokens": B * T, "ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1e3),
-              "active_params": counts["active"], "model_tflops": round(tflops, 1), "mfu": round(tflops / PEAK_TFLOPS, 3),
-              "loss": step().item(), "note": "6 * active params (lm_head included) * tokens + causal/sliding attention; "
-                                             "step includes AdamW"}
+    result = {"layers": config.num_hidden_layers, "tokens": B * T, "ms": round(ms, 2),
+              "tokens_per_s": round(B * T / ms * 1e3), "active_params": counts["active"],
+              "model_tflops": round(tflops, 1), "mfu": round(tflops / PEAK_TFLOPS, 3), "loss": step().item(),
+              "note": "6 * active params (lm_head included) * tokens + causal/sliding attention; step includes AdamW"}
     if DEVICE == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     log(result)
@@ -336,8 +336,8 @@ def check_attention():
     window = S["window"]
     q, k, v = randn(B, T, Hq, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)
     sinks = randn(Hq, dtype=torch.float32).to(DTYPE)
-    doc_ids = torch.repeat_interleave(torch.arange(3, device=DEVICE), torch.tensor([T // 3, T // 2, T - T // 3 - T // 2],
-                                                                                   device=DEVICE))[None].expand(B, T)
+    doc_lengths = torch.tensor([T // 3, T // 2, T - T // 3 - T // 2], device=DEVICE)
+    doc_ids = torch.repeat_interleave(torch.arange(3, device=DEVICE), doc_lengths)[None].expand(B, T)  # (B, T)
     out = {}
     for label, w, docs in [("causal", 0, None), ("sliding", window, None), ("packed_sliding", window, doc_ids)]:
         out[f"check_{label}"] = compare(
@@ -365,10 +365,11 @@ def check_attention():
             out[key] = timings(f"attention T={T}", fns, [q, k, v, sinks], flops=attention_flops(B, T, Hq, D, 0))
         res = out[key]
         if all(isinstance(res.get(n), dict) and "ms" in res[n] for n in ("triton_sinks", "sdpa_flash_no_sinks")):
-            res["triton_sinks_vs_sdpa_flash"] = round(res["sdpa_flash_no_sinks"]["ms"] / res["triton_sinks"]["ms"], 3)
-        out[f"time_sliding_T{T}"] = timings(
-            f"attention sliding T={T}", {"triton_sinks": lambda q, k, v, s: kernels.attention(q, k, v, s, window=window)},
-            [q, k, v, sinks], flops=attention_flops(B, T, Hq, D, window))
+            res["triton_sinks_vs_sdpa_flash"] = round(res["sdpa_flash_no_sinks"]["ms"] / res["triton_sinks"]["ms"],
+                                                      3)
+        sliding = {"triton_sinks": lambda q, k, v, s: kernels.attention(q, k, v, s, window=window)}
+        out[f"time_sliding_T{T}"] = timings(f"attention sliding T={T}", sliding, [q, k, v, sinks],
+                                            flops=attention_flops(B, T, Hq, D, window))
     return out
 
 

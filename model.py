@@ -761,7 +761,9 @@ class MedGPTConfig:
                 "vision_feature_select_strategy": self.vision_feature_select_strategy,
                 "projector_hidden_act": self.projector_hidden_act,
                 "multimodal_projector_bias": self.multimodal_projector_bias, "tie_word_embeddings": False,
-                **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
+                # transformers 5 reads "dtype"; older versions and the serving engines built on them "torch_dtype"
+                **({"dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch.")}
+                   if dtype is not None else {})}
 
     @property
     def n_feature_layers(self):

@@ -34,7 +34,7 @@ PRESETS = {
                        activation_checkpointing=True, ckpt_every=500, log_every=10),
     # A laptop CPU, the demo data, seconds per step.
     "tiny": dict(out_dir="out/demo/stage1", init_from="scratch", arch="tiny", data="out/demo/data/stage1.json",
-                 global_batch=8, micro_batch=2, seq_len=256, max_steps=40, lr=2e-3, min_lr=2e-4,
+                 global_batch=8, micro_batch=2, seq_len=256, max_steps=20, lr=2e-3, min_lr=2e-4,
                  warmup_frac=0.1, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                  train_vision=False, train_projector=True, train_lm=False, dtype="float32", ckpt_every=0,
                  log_every=5),

@@ -35,8 +35,8 @@ PRESETS = {
                        activation_checkpointing=True, ckpt_every=200, log_every=1),
     # A laptop CPU, the demo data.
     "tiny": dict(out_dir="out/demo/stage3", init_from="out/demo/stage2/final", arch="tiny",
-                 data="out/demo/data/stage3.json", global_batch=8, micro_batch=2, seq_len=512, max_steps=60,
-                 lr=1e-3, min_lr=1e-4, warmup_frac=0.05, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
+                 data="out/demo/data/stage3.json", global_batch=8, micro_batch=2, seq_len=512, max_steps=80,
+                 lr=2e-3, min_lr=2e-4, warmup_frac=0.05, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                  dtype="float32", ckpt_every=0, log_every=5),
 }
 

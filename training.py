@@ -350,7 +350,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def setup(cfg: TrainConfig) -> Run:
     """Process group from torchrun's environment (one process without it), seeds, and the device."""
+    import warnings
     import zero
+    # torch 2.13 renamed the *_tensor collectives zero.py calls; the warning would repeat on every step
+    warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
     rank, _, world_size, device = zero.init_distributed()
     if cfg.device:
         device = torch.device(cfg.device)
@@ -638,7 +641,9 @@ def arch_config(name: str):
     if name == "medgpt-20b":
         return MedGPTConfig(text=GPTConfig.preset("gpt-oss-20b"), vision=vision.CLIPVisionConfig())
     if name == "tiny":
-        text = GPTConfig.preset("tiny")
+        # GPTConfig's tiny, narrowed to 64: the 201088-row unembedding dominates a CPU step, its cost is linear in it
+        text = GPTConfig.preset("tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16)
         tower = vision.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                                         num_attention_heads=4, image_size=112, patch_size=14)
         return MedGPTConfig(text=text, vision=tower)
@@ -686,3 +691,55 @@ def dry_run(cfg: TrainConfig, stage: int, world_size: int) -> dict:
            "per_gpu_gib": round(memory["total"], 2),
            "per_gpu_gib_parts": {k: round(v, 2) for k, v in memory.items() if k not in ("total", "params_total")}}
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `make demo`'s closing report: python training.py demo-report out/demo
+
+
+def demo_report(root: str) -> str:
+    """Loss per stage, held-out accuracy per question kind against the majority-answer baseline, and the trained
+    model answering one held-out image question. Reads what the demo's steps wrote under root."""
+    lines = ["", "## MedGPT-oss nano demo: results", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
+    for stage in ("stage1", "stage2", "stage3"):
+        with open(os.path.join(root, stage, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        lines.append(f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.3f} | {rows[-1]['loss']:.3f} |")
+    with open(os.path.join(root, "data", "stats.json")) as f:
+        stats = json.load(f)
+    with open(os.path.join(root, "data", "eval", "demo-vqa", "test.jsonl")) as f:
+        kind_of = {item["id"]: item["kind"] for item in map(json.loads, f)}
+    with open(os.path.join(root, "eval", "items.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if r["benchmark"] == "demo-vqa"]
+    lines += ["", "| held-out question kind | n | trained model | majority answer (from training) |", "|---|---|---|---|"]
+    for kind, base in stats["majority_baseline"].items():
+        mine = [r["correct"] for r in records if kind_of.get(r["id"]) == kind]
+        if mine:
+            lines.append(f"| {kind} | {len(mine)} | {100 * sum(mine) / len(mine):.1f}% | "
+                         f"{100 * base['accuracy']:.1f}% ('{base['majority_train_answer']}') |")
+    accuracy = sum(r["correct"] for r in records) / len(records)
+    baseline = stats["majority_baseline_demo_vqa"]
+    verdict = "beats" if accuracy > baseline else "does NOT beat"
+    lines += [f"| **all demo-vqa** | {len(records)} | **{100 * accuracy:.1f}%** | {100 * baseline:.1f}% |", "",
+              f"The trained model {verdict} the majority-answer baseline on held-out images."]
+    return "\n".join(lines)
+
+
+def demo_answer(root: str) -> str:
+    """The trained model answering the first held-out image question (greedy, eval.py's prompt)."""
+    import eval as harness
+    items = harness.load_items(os.path.join(root, "data", "eval"), "demo-vqa", limit=1)
+    model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
+    encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
+                              is_multimodal)
+    item = items[0]
+    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 16)[0]
+    return (f"\nimage: {item['images'][0]}\nquestion: {harness.build_prompt(item)}\n"
+            f"model answer: {answer!r}   (reference: {item['answer']!r})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "demo-report":
+        raise SystemExit("usage: python training.py demo-report OUT_DIR   (the stage scripts are train_stage{1,2,3}.py)")
+    print(demo_answer(sys.argv[2]))
+    print(demo_report(sys.argv[2]))

@@ -104,6 +104,6 @@ def compile_all(arch):
 def test_every_kernel_compiles_for_gpu(arch):
     pytest.importorskip("triton")
     results = compile_all(arch)
-    assert len(results) == 25
+    assert len(results) == 23
     failed = {name: r for name, r in results.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)

@@ -285,3 +285,29 @@ def test_from_pretrained_config_errors(saved_reference, tmp_path):
 def test_image_token_id_is_the_tokenizers():
     tokenizer = pytest.importorskip("data.tokenizer")
     assert M.IMAGE_TOKEN_ID == tokenizer.IMAGE_TOKEN_ID == 200017
+
+
+def test_from_pretrained_mxfp4_experts(tmp_path):
+    """A LLaVA directory whose experts are MXFP4 (as gpt-oss is released) loads as transformers dequantises it."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    text = tiny_llava_config().text_config
+    text.intermediate_size = 32  # MXFP4 groups of 32 along each projection's input
+    ref = transformers.LlavaForConditionalGeneration(tiny_llava_config(text_config=text))
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    g = torch.Generator().manual_seed(12)
+    expected = {}
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, n_in, n_out = state.pop(key).shape  # transformers' (E, in, out)
+        blocks = torch.randint(0, 256, (E, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(122, 132, (E, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+        state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+        expected[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # (E, in, out)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = M.MedGPT.from_pretrained(tmp_path, dtype=torch.float32)
+    ours_state = ours.state_dict()
+    assert len(expected) == 4
+    for key, dense in expected.items():
+        assert torch.equal(ours_state[key], dense), key  # same names: transformers 5's save layout

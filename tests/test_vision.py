@@ -18,8 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def processor():
-    # built from its arguments, never from the hub: must work with no network at all
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # built from its arguments, never from the hub (test_processor_needs_no_network checks it)
     return transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                            resample=3, do_center_crop=True, do_convert_rgb=True)
 
@@ -47,18 +46,21 @@ def real_images():
     histology = Image.fromarray(skimage_image("immunohistochemistry"))  # 512 x 512 RGB
     micro = Image.fromarray(skimage_image("microaneurysms"))  # 102 x 102 L (smaller than 336: upsampled)
     _, ultrasound = dicom_pixels("US1_UNCR.dcm")  # 640 x 480 RGB ultrasound
-    ds, palette = dicom_pixels("OBXXXX1A.dcm")  # 800 x 600 PALETTE COLOR
-    lut = [np.asarray(ds.RedPaletteColorLookupTableData), np.asarray(ds.GreenPaletteColorLookupTableData)]
-    palette_image = Image.fromarray(palette.astype(np.uint8), mode="P")
-    palette_image.putpalette(np.stack([np.arange(256)] * 3, 1).astype(np.uint8).ravel())  # greyscale palette
+    ds, indices = dicom_pixels("OBXXXX1A.dcm")  # 800 x 600 PALETTE COLOR: 8-bit indices + a 16-bit colour LUT
+    from pydicom.pixels import apply_color_lut
+
+    palette = apply_color_lut(np.arange(256, dtype=np.uint8)[None], ds)[0] >> 8  # (256, 3) 8-bit palette
+    palette_image = Image.fromarray(indices.astype(np.uint8), mode="P")
+    palette_image.putpalette(palette.astype(np.uint8).ravel())
     rgba = retina.crop((100, 200, 1100, 700)).copy()  # 1000 x 500
     alpha = np.asarray(micro.resize(rgba.size))  # a real, non-uniform alpha channel
     rgba.putalpha(Image.fromarray(alpha))
-    assert lut  # the file is a palette image (its LUT is 16-bit; we only need a real P-mode index image)
     return [
         ("retina RGB 1411x1411", retina),
         ("retina RGB 700x333 wide", retina.crop((300, 500, 1000, 833))),
         ("retina RGB 333x700 tall", retina.crop((500, 300, 833, 1000))),
+        ("retina RGB 701x333 (odd crop offset)", retina.crop((300, 500, 1001, 833))),
+        ("histology RGB 333x517 (odd crop offset)", histology.crop((0, 0, 333, 512)).resize((333, 517))),
         ("histology RGB 512x512", histology),
         ("microaneurysms L 102x102", micro),
         ("ultrasound RGB 640x480", Image.fromarray(ultrasound)),
@@ -307,3 +309,22 @@ def test_clip_vision_errors(tmp_path):
     bad.write_text(bad.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
     with pytest.raises(KeyError, match="missing.*encoder.layers.2"):
         vision.CLIPVision.from_pretrained(tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    model = vision.CLIPVision(vision.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, image_size=28, patch_size=14)).train()
+    projector = vision.Projector(32, 16)
+    pixels = torch.randn(2, 3, 28, 28)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        projector(model(pixels)).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for plain, checkpointed in zip(*grads):
+        assert torch.allclose(plain, checkpointed, rtol=1e-5, atol=1e-7)
+    # the unused last block and post_layernorm get no gradient: they never run for layer -2
+    assert model.encoder.layers[-1].mlp.fc2.weight.grad is None and model.post_layernorm.weight.grad is None
