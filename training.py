@@ -707,10 +707,10 @@ def demo_report(root: str) -> str:
         lines.append(f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.3f} | {rows[-1]['loss']:.3f} |")
     with open(os.path.join(root, "data", "stats.json")) as f:
         stats = json.load(f)
-    with open(os.path.join(root, "data", "eval", "demo-vqa", "test.jsonl")) as f:
+    with open(os.path.join(root, "data", "eval", "demo_vqa", "test.jsonl")) as f:
         kind_of = {item["id"]: item["kind"] for item in map(json.loads, f)}
     with open(os.path.join(root, "eval", "items.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if r["benchmark"] == "demo-vqa"]
+        records = [r for r in map(json.loads, f) if r["benchmark"] == "demo_vqa"]
     lines += ["", "| held-out question kind | n | trained model | majority answer (from training) |", "|---|---|---|---|"]
     for kind, base in stats["majority_baseline"].items():
         mine = [r["correct"] for r in records if kind_of.get(r["id"]) == kind]
@@ -720,7 +720,7 @@ def demo_report(root: str) -> str:
     accuracy = sum(r["correct"] for r in records) / len(records)
     baseline = stats["majority_baseline_demo_vqa"]
     verdict = "beats" if accuracy > baseline else "does NOT beat"
-    lines += [f"| **all demo-vqa** | {len(records)} | **{100 * accuracy:.1f}%** | {100 * baseline:.1f}% |", "",
+    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** | {100 * baseline:.1f}% |", "",
               f"The trained model {verdict} the majority-answer baseline on held-out images."]
     return "\n".join(lines)
 
@@ -728,7 +728,7 @@ def demo_report(root: str) -> str:
 def demo_answer(root: str) -> str:
     """The trained model answering the first held-out image question (greedy, eval.py's prompt)."""
     import eval as harness
-    items = harness.load_items(os.path.join(root, "data", "eval"), "demo-vqa", limit=1)
+    items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)
     model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
     encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
                               is_multimodal)
