@@ -5,7 +5,14 @@ One prepared GPU check for kernels.py: correctness, speed, memory, and a GPT-oss
     python gpu_check.py --out=x.json    # JSON elsewhere
     python gpu_check.py --dry           # CPU, tiny shapes, Triton interpreter: catches errors before a GPU run
 
+Sections, in order: environment; model_equality (the whole GPT, Triton path vs torch path, fp32 with IEEE dots
+and bf16: loss, logits, every parameter gradient); kernels_fp32_ieee (each kernel alone, the same way: says which
+kernel is wrong if the model is); the GPT-oss-20B-width training step (MFU); per-kernel bf16 checks and timings;
+attention at 131072 tokens; fused CE memory; torch._grouped_mm; torch.compile timings last.
+
 Design choices
+- Needs only torch, triton and numpy (no transformers, no pillow: if PIL is missing, vision.py's import of it is
+  stubbed, since only the language model is checked). Python 3.10+, triton 3.x with tl.dot(input_precision=...).
 - Every section runs inside try/except: an error is printed and recorded and the next section runs, so the
   first run on a GPU yields as many numbers as it can. The JSON summary is rewritten after every section.
 - A time budget (--budget, seconds) is checked before each measurement; what does not fit is skipped and
@@ -56,6 +63,22 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels  # noqa: E402
+
+
+def import_model():
+    """model.py, which imports vision.py, which imports PIL at the top. The GPU machine may lack pillow and this
+    script checks only the language model, so a missing PIL is replaced by an empty stand-in (never called)."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        import types
+        pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
+        image.Image = type("Image", (), {})  # vision.py's annotations name PIL.Image.Image
+        pil.Image = image
+        sys.modules.update({"PIL": pil, "PIL.Image": image})
+        log("PIL is not installed: stubbed (vision preprocessing is not checked here)")
+    import model
+    return model
 
 DEVICE = "cpu" if ARGS.dry else "cuda"
 START = time.time()
@@ -237,6 +260,266 @@ def environment():
     return info
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Whole-model equality: the number that says whether the Triton path is right. In fp32 with IEEE dots both paths
+# do fp32 arithmetic and differ only in summation order (~1e-6); TF32 dots (the default) round every dot input to
+# a 10-bit mantissa (~1e-3). bf16 is judged against an fp32 reference (the torch path in fp32 on the same
+# bf16-rounded weights), beside the torch path in bf16 for scale. The Triton path is expected to be somewhat worse
+# there on q/k gradients: as FlashAttention-2, its backward takes delta = rowsum(dO * O) from the bf16 output,
+# and dS = P * (dP - delta) cancels; the torch path does all of attention in fp32. Real bugs give O(1) errors.
+
+EQ_FP32_TOL = 1e-4  # fp32 + IEEE dots: max over tensors of ||a - b|| / ||b||
+EQ_BF16_TOL = 0.1  # bf16 Triton path against the fp32 reference: max over tensors of ||a - b|| / ||b||
+KERNEL_FP32_TOL = 2e-5  # one kernel alone, fp32 + IEEE dots
+
+
+def eq_setup(model_module):
+    """A GPT-oss-shaped model small enough to check exactly: one sliding (window 128) and one full layer, head
+    dim 64, GQA groups of 8, 16 experts top-4; B = 2 rows of T = 1024 tokens. Tiny shapes with --dry."""
+    if ARGS.dry:
+        config = model_module.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                        max_position_embeddings=256)
+        B, T, doc_lengths = 1, 37, [9, 20, 8]
+    else:
+        config = model_module.GPTConfig(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=16, num_key_value_heads=2, head_dim=64,
+                                        num_local_experts=16, num_experts_per_tok=4, sliding_window=128)
+        B, T, doc_lengths = 2, 1024, [300, 77, 520, 127]
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = model_module.GPT(config)
+    model = model.float().train()
+    with torch.no_grad():  # non-zero biases and sinks (a trained model has them), so their gradients count too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0.0, 0.5)
+    g = torch.Generator(DEVICE).manual_seed(1)
+    idx = torch.randint(0, config.vocab_size, (B, T), device=DEVICE, generator=g)
+    targets = torch.randint(0, config.vocab_size, (B, T), device=DEVICE, generator=g)
+    targets[:, :5] = -100
+    lengths = torch.tensor(doc_lengths, device=DEVICE)
+    doc_ids = torch.repeat_interleave(torch.arange(len(doc_lengths), device=DEVICE), lengths)  # (T,)
+    position_ids = torch.cat([torch.arange(n, device=DEVICE) for n in doc_lengths])  # (T,) restart per document
+    packed = dict(doc_ids=doc_ids[None].expand(B, T).contiguous(), position_ids=position_ids[None].expand(B, T))
+    return model, idx, targets, packed
+
+
+def with_env(path, precision):
+    os.environ["MEDGPT_KERNELS"] = path
+    os.environ["MEDGPT_DOT_PRECISION"] = precision
+
+
+def model_outputs(model, path, precision, idx, targets, extra):
+    """loss, logits and every parameter gradient (named 'grad:<param>') of one forward/backward on one path."""
+    with_env(path, precision)
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets, **extra)
+    loss.backward()
+    out = {"loss": loss.detach().float().reshape(1)}
+    with torch.no_grad():
+        out["logits"] = model(idx, **extra)[0]
+    for name, p in model.named_parameters():
+        out[f"grad:{name}"] = p.grad.detach().clone() if p.grad is not None else None
+    model.zero_grad(set_to_none=True)
+    sync()
+    return out
+
+
+def tensor_errors(test, ref):
+    """{name: (||a-b|| / ||b||, max|a-b| / max|b|)}; a missing tensor (None) counts as error 1."""
+    errors = {}
+    for name, b in ref.items():
+        a = test.get(name)
+        if a is None or b is None:
+            errors[name] = (1.0, 1.0)
+            continue
+        diff = (a.float() - b.float())
+        b = b.float()
+        errors[name] = ((diff.norm() / b.norm().clamp_min(1e-30)).item(),
+                        (diff.abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    return errors
+
+
+def error_summary(errors):
+    worst_fro = max(errors, key=lambda n: errors[n][0])
+    worst_max = max(errors, key=lambda n: errors[n][1])
+    top = sorted(errors, key=lambda n: -errors[n][0])[:5]
+    return {"max_rel_fro": float(f"{errors[worst_fro][0]:.3g}"), "worst_rel_fro": worst_fro,
+            "max_rel_maxabs": float(f"{errors[worst_max][1]:.3g}"), "worst_rel_maxabs": worst_max,
+            "loss_rel": float(f"{errors['loss'][0]:.3g}"), "logits_rel_fro": float(f"{errors['logits'][0]:.3g}"),
+            "top5_rel_fro": {n: float(f"{errors[n][0]:.3g}") for n in top}, "tensors": len(errors)}
+
+
+def greedy_agreement(model, prompt, n_new):
+    """Greedy decoding on both paths (fp32, IEEE dots): tokens equal, and where they first differ, the torch
+    path's gap between its top two logits there (a tiny gap means a near-tie, not a bug)."""
+    model.eval()
+    tokens = {}
+    for path in ("torch", "triton"):
+        with_env(path, "ieee")
+        tokens[path] = model.generate(prompt, n_new, temperature=0.0)[:, prompt.shape[1]:]
+    same = (tokens["torch"] == tokens["triton"])
+    result = {"new_tokens": n_new, "equal_fraction": round(same.float().mean().item(), 4)}
+    if not bool(same.all()):
+        step = int((~same[0]).nonzero()[0, 0]) if not bool(same[0].all()) else None
+        if step is not None:
+            with_env("torch", "ieee")
+            with torch.no_grad():
+                prefix = torch.cat([prompt[:1], tokens["torch"][:1, :step]], dim=1)
+                top2 = torch.topk(model(prefix)[0][0, -1].float(), 2).values
+            result.update(first_difference=step, torch_top2_logit_gap=float(f"{(top2[0] - top2[1]).item():.3g}"))
+    model.train()
+    return result
+
+
+@section("model_equality")
+def check_model_equality():
+    model_module = import_model()
+    saved_env = {k: os.environ.get(k) for k in ("MEDGPT_KERNELS", "MEDGPT_DOT_PRECISION")}
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the torch path in true fp32 as well (cuBLAS)
+    model, idx, targets, packed = eq_setup(model_module)
+    out = {"config": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                            "num_key_value_heads", "head_dim", "num_local_experts",
+                                                            "num_experts_per_tok", "sliding_window", "vocab_size")},
+           "tokens": list(idx.shape),
+           "metric": "per tensor (loss, logits, each parameter gradient): ||a-b||/||b|| ('rel_fro') and "
+                     "max|a-b|/max|b| ('rel_maxabs'); the max over tensors is reported",
+           "thresholds": {"fp32_ieee_max_rel_fro": EQ_FP32_TOL,
+                          "bf16_triton_vs_fp32_max_rel_fro": EQ_BF16_TOL}}
+    try:
+        # fp32: both paths against each other, with IEEE dots (pass/fail) and TF32 dots (for information)
+        for label, precision, extra in [("fp32_ieee", "ieee", {}), ("fp32_ieee_packed", "ieee", packed),
+                                        ("fp32_tf32", "tf32", {})]:
+            if budget_left() < 30:
+                out[label] = "skipped: budget"
+                continue
+            if ARGS.dry and precision != "ieee":
+                out[label] = "skipped: the interpreter ignores the dot precision"
+                continue
+            t0 = time.time()
+            ref = model_outputs(model, "torch", precision, idx, targets, extra)
+            test = model_outputs(model, "triton", precision, idx, targets, extra)
+            result = error_summary(tensor_errors(test, ref))
+            if precision == "ieee":
+                result["pass"] = result["max_rel_fro"] < EQ_FP32_TOL
+            else:
+                result["note"] = "information only: TF32 dots round inputs to 10 mantissa bits"
+            result["seconds_incl_compile"] = round(time.time() - t0, 1)
+            out[label] = result
+            verdict = "" if "pass" not in result else ("PASS " if result["pass"] else "FAIL ")
+            log(f"model_equality {label}: {verdict}max rel_fro {result['max_rel_fro']:.2e} "
+                f"({result['worst_rel_fro']}), max rel_maxabs {result['max_rel_maxabs']:.2e} "
+                f"({result['worst_rel_maxabs']}); loss {result['loss_rel']:.1e}, logits {result['logits_rel_fro']:.1e}")
+            save()
+        # bf16: each path in bf16 against the torch path in fp32 on the same (bf16-rounded) weights
+        if budget_left() >= 30:
+            t0 = time.time()
+            model = model.to(torch.bfloat16).float()  # weights rounded to bf16, held in fp32 for the reference
+            ref = model_outputs(model, "torch", "ieee", idx, targets, {})
+            model = model.to(torch.bfloat16)
+            errors = {path: tensor_errors(model_outputs(model, path, "tf32", idx, targets, {}), ref)
+                      for path in ("torch", "triton")}
+            triton_summary = error_summary(errors["triton"])
+            ratios = {n: float(f"{errors['triton'][n][0] / max(errors['torch'][n][0], 1e-12):.3g}")
+                      for n in triton_summary["top5_rel_fro"]}
+            result = {"triton_vs_fp32": triton_summary, "torch_vs_fp32": error_summary(errors["torch"]),
+                      "top5_triton_over_torch": ratios, "pass": triton_summary["max_rel_fro"] < EQ_BF16_TOL,
+                      "seconds_incl_compile": round(time.time() - t0, 1)}
+            out["bf16"] = result
+            log(f"model_equality bf16: {'PASS' if result['pass'] else 'FAIL'} against fp32: triton max rel_fro "
+                f"{triton_summary['max_rel_fro']:.2e} ({triton_summary['worst_rel_fro']}), torch "
+                f"{result['torch_vs_fp32']['max_rel_fro']:.2e} ({result['torch_vs_fp32']['worst_rel_fro']}); "
+                f"triton/torch error ratio of the worst five: {ratios}")
+            model = model.float()
+        else:
+            out["bf16"] = "skipped: budget"
+        save()
+        if budget_left() >= 30:
+            prompt = idx[:1, :64]
+            out["greedy_fp32_ieee"] = greedy_agreement(model, prompt, 8 if ARGS.dry else 32)
+            log("model_equality greedy", out["greedy_fp32_ieee"])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
+
+
+def compare_fp32(fn_test, fn_ref, inputs):
+    """One kernel, Triton (IEEE dots) vs its torch reference in fp32: output and every input gradient."""
+    outputs = {}
+    for label, fn in (("triton", fn_test), ("torch", fn_ref)):
+        leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*leaves)
+        upstream = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(0))
+        out.backward(upstream.to(out.dtype))
+        outputs[label] = {"out": out.detach(), **{f"grad{i}": t.grad for i, t in enumerate(leaves)
+                                                  if t.is_floating_point()}}
+    errors = tensor_errors(outputs["triton"], outputs["torch"])
+    worst = max(errors, key=lambda n: errors[n][0])
+    return {"rel_fro": {n: float(f"{e[0]:.3g}") for n, e in errors.items()}, "worst": worst,
+            "pass": errors[worst][0] < KERNEL_FP32_TOL}
+
+
+@section("kernels_fp32_ieee")
+def check_kernels_fp32_ieee():
+    """Each kernel alone at the model_equality shapes, fp32 with IEEE dots, tolerance KERNEL_FP32_TOL (rel_fro)."""
+    saved = os.environ.get("MEDGPT_DOT_PRECISION")
+    os.environ["MEDGPT_DOT_PRECISION"] = "ieee"
+    f32 = dict(dtype=torch.float32)
+    if ARGS.dry:
+        N, H, I, E, K, B, T, Hq, Hkv, D, V, window = 37, 32, 24, 4, 2, 2, 37, 4, 2, 16, 301, 5
+    else:
+        N, H, I, E, K, B, T, Hq, Hkv, D, V, window = 2048, 512, 512, 16, 4, 2, 1024, 16, 2, 64, 8192, 128
+    out = {"tolerance_rel_fro": KERNEL_FP32_TOL}
+    try:
+        x, w = randn(N, H, **f32), randn(H, scale=0.1, **f32) + 1
+        out["rms_norm"] = compare_fp32(kernels.rms_norm, kernels.rms_norm_torch, [x, w])
+        xr = randn(B, T, Hq, D, **f32)
+        angles = torch.arange(T, device=DEVICE)[:, None] * torch.rand(D // 2, device=DEVICE)
+        cos, sin = angles.cos(), angles.sin()
+        out["rope"] = compare_fp32(lambda x: kernels.apply_rope(x, cos, sin),
+                                   lambda x: kernels.apply_rope_torch(x, cos, sin), [xr])
+        gate_up = randn(N * K, 2 * I, scale=4.0, **f32)
+        out["swiglu"] = compare_fp32(kernels.swiglu, kernels.swiglu_torch, [gate_up])
+        q, k, v = randn(B, T, Hq, D, **f32), randn(B, T, Hkv, D, **f32), randn(B, T, Hkv, D, **f32)
+        sinks = randn(Hq, **f32)
+        doc_ids = torch.repeat_interleave(torch.arange(3, device=DEVICE),
+                                          torch.tensor([T // 3, T // 2, T - T // 3 - T // 2], device=DEVICE))
+        doc_ids = doc_ids[None].expand(B, T).contiguous()  # (B, T)
+        for label, wnd, docs in [("causal", 0, None), ("sliding", window, None), ("packed_sliding", window, doc_ids)]:
+            out[f"attention_{label}"] = compare_fp32(
+                lambda q, k, v, s: kernels.attention(q, k, v, s, window=wnd, doc_ids=docs),
+                lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=wnd, doc_ids=docs), [q, k, v, sinks])
+        logits = torch.randn(N, E, device=DEVICE)
+        top_values, top_idx = torch.topk(logits, K, dim=-1)
+        params = [randn(E, H, 2 * I, scale=H ** -0.5, **f32), randn(E, 2 * I, scale=0.1, **f32),
+                  randn(E, I, H, scale=I ** -0.5, **f32), randn(E, H, scale=0.1, **f32)]
+        out["moe_experts"] = compare_fp32(lambda x, w, *p: kernels.moe_experts(x, top_idx, w, *p),
+                                          lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p),
+                                          [x, torch.softmax(top_values, -1), *params])
+        wv, targets = randn(V, H, scale=0.02, **f32), torch.randint(0, V, (N,), device=DEVICE)
+        targets[::7] = -100
+        out["linear_cross_entropy"] = compare_fp32(
+            lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
+            lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets), [x, wv])
+    finally:
+        if saved is None:
+            os.environ.pop("MEDGPT_DOT_PRECISION", None)
+        else:
+            os.environ["MEDGPT_DOT_PRECISION"] = saved
+    failed = [n for n, r in out.items() if isinstance(r, dict) and not r["pass"]]
+    log("kernels_fp32_ieee:", "all pass" if not failed else f"FAIL {failed}",
+        {n: r["rel_fro"][r["worst"]] for n, r in out.items() if isinstance(r, dict)})
+    return out
+
+
 TOL = 1e-3 if ARGS.dry else 3e-2  # bf16 kernels against an fp32-math reference
 
 
@@ -248,8 +531,7 @@ def attention_flops(B, T, Hq, D, window):
 
 @section("train_step")
 def check_train_step():
-    import model as model_module
-
+    model_module = import_model()
     if ARGS.dry:
         config = model_module.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -550,7 +832,11 @@ def verdicts():
     attn_key = f"time_causal_T{S['attn_time'][0][1]}"
     speedups["attention"] = get("attention", attn_key, "triton_sinks", "speedup_vs_eager")
     sdpa = [get("attention", f"time_causal_T{shape[1]}", "triton_sinks_vs_sdpa_flash") for shape in S["attn_time"]]
-    return {"speedup_vs_eager": speedups, "attention_vs_sdpa_flash": sdpa,
+    equality = {label: get("model_equality", label, "max_rel_fro") for label in
+                ("fp32_ieee", "fp32_ieee_packed", "fp32_tf32")}
+    equality["bf16_triton_vs_fp32"] = get("model_equality", "bf16", "triton_vs_fp32", "max_rel_fro")
+    equality["bf16_torch_vs_fp32"] = get("model_equality", "bf16", "torch_vs_fp32", "max_rel_fro")
+    return {"model_equality_max_rel_fro": equality, "speedup_vs_eager": speedups, "attention_vs_sdpa_flash": sdpa,
             "ce_fused_share_of_plain_peak": get("cross_entropy_peak_memory", "fused_share_of_plain"),
             "train_mfu": get("train_step", "mfu"),
             "checks_passed": checks}

@@ -39,7 +39,10 @@ Triton path (forward and backward, each an autograd.Function)
   We write our own grouped GEMM rather than torch._grouped_mm because it runs on every GPU generation and
   dtype (fp32 too) and in the interpreter on CPU; gpu_check.py times torch._grouped_mm beside it.
 - The interpreter's tl.dot is wrong on bf16 operands, so when interpreting the kernels upcast to fp32
-  before every dot (DOT_F32). On GPUs, fp32 inputs use TF32 dots (Triton's default).
+  before every dot (DOT_F32).
+- fp32 dots: MEDGPT_DOT_PRECISION=tf32 (default: tensor cores, ~1e-3 relative error) or ieee (full fp32, slow;
+  what gpu_check.py uses to compare the whole model with the torch path), passed to every tl.dot as the
+  constexpr PRECISION. Each value compiles its own kernel variant; bf16 operands ignore it.
 """
 import math
 import os
@@ -70,6 +73,31 @@ def kernel_path(x: torch.Tensor) -> str:
     if choice:
         raise ValueError(f"MEDGPT_KERNELS={choice!r}: expected 'torch' or 'triton'")
     return "triton" if x.is_cuda else "torch"
+
+
+DOT_PRECISIONS = ("tf32", "ieee", "tf32x3")
+
+
+def dot_precision() -> str:
+    """How tl.dot multiplies fp32 operands, from MEDGPT_DOT_PRECISION (read at every launch; default 'tf32').
+
+    'tf32' uses the tensor cores (10-bit mantissa inputs: about 1e-3 relative error, fast); 'ieee' is exact fp32
+    (plain fp32 FMAs: slow; for checking the kernels against the torch path); 'tf32x3' is near-fp32 on tensor cores.
+    bf16/fp16 operands ignore it, and so does the interpreter (numpy matmuls in fp32)."""
+    choice = os.environ.get("MEDGPT_DOT_PRECISION", "").strip().lower() or "tf32"
+    if choice not in DOT_PRECISIONS:
+        raise ValueError(f"MEDGPT_DOT_PRECISION={choice!r}: expected one of {', '.join(DOT_PRECISIONS)}")
+    return choice
+
+
+def _dot_mode(dtype):
+    """(PRECISION constexpr, fma) for tl.dot on operands of this dtype. Half types ignore the precision, so they
+    always get 'tf32' (no duplicate kernel variants). fma: fp32 operands with 'ieee' dots, which run on the FMA
+    units; they get smaller tiles, because ptxas takes minutes over a fully unrolled 128x64x64 FMA tile."""
+    if dtype != torch.float32:
+        return "tf32", False
+    precision = dot_precision()
+    return precision, precision == "ieee"
 
 
 def _jit(fn):
@@ -316,7 +344,8 @@ def _visible(offs_m, offs_n, T, WINDOW: tl.constexpr):
 @_jit
 def _attn_fwd_kernel(Q, K, V, Sinks, DocIds, Out, Lse, T, n_heads, qk_scale,
                      HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -352,7 +381,7 @@ def _attn_fwd_kernel(Q, K, V, Sinks, DocIds, Out, Lse, T, n_heads, qk_scale,
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         visible = _visible(offs_m, offs_n, T, WINDOW)
         if HAS_DOC:
             doc_k = tl.load(DocIds + b * T + offs_n, mask=offs_n < T, other=-2)
@@ -362,7 +391,7 @@ def _attn_fwd_kernel(Q, K, V, Sinks, DocIds, Out, Lse, T, n_heads, qk_scale,
         rescale = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
         l_i = l_i * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(Out + ((b * T + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :],
@@ -374,7 +403,7 @@ def _attn_fwd_kernel(Q, K, V, Sinks, DocIds, Out, Lse, T, n_heads, qk_scale,
 def _attn_bwd_dkdv_kernel(Q, K, V, DocIds, DO, Lse, Delta, DK, DV, T, n_heads, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, WINDOW: tl.constexpr,
                           HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                          BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of one kv head: loops over the GROUP query heads that share it and their query tiles.
     Works on transposed scores (keys x queries) so dk and dv accumulate in registers."""
     pid_n = tl.program_id(0)
@@ -415,16 +444,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DocIds, DO, Lse, Delta, DK, DV, T, n_heads, q
                 do = do.to(tl.float32)
             lse = tl.load(Lse + row_base + offs_m, mask=offs_m < T, other=0.0)
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < T, other=0.0)
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             visible_t = tl.trans(_visible(offs_m, offs_n, T, WINDOW))
             if HAS_DOC:
                 doc_q = tl.load(DocIds + b * T + offs_m, mask=offs_m < T, other=-1)
                 visible_t = visible_t & (doc_k[:, None] == doc_q[None, :])
             p_t = tl.where(visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)  # probabilities, transposed
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = dO . v
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = dO . v
             ds_t = p_t * (dp_t - delta[None, :])  # softmax backward; delta = dO . O
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -433,7 +462,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DocIds, DO, Lse, Delta, DK, DV, T, n_heads, q
 def _attn_bwd_dq_kernel(Q, K, V, DocIds, DO, Lse, Delta, DQ, T, n_heads, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+                        DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -468,24 +497,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DocIds, DO, Lse, Delta, DQ, T, n_heads, qk_scal
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = _visible(offs_m, offs_n, T, WINDOW)
         if HAS_DOC:
             doc_k = tl.load(DocIds + b * T + offs_n, mask=offs_n < T, other=-2)
             visible = visible & (doc_q[:, None] == doc_k[None, :])
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _attn_config():
+def _attn_config(fma=False):
     """(fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N, num_warps). Untuned guesses for H100-class GPUs
-    at head dim 64 (FlashAttention-2's Triton tutorial sizes); 16 when interpreting."""
+    at head dim 64 (FlashAttention-2's Triton tutorial sizes); 16 when interpreting; small for fp32 IEEE dots
+    (fma, a checking mode: see _dot_mode)."""
     if _INTERPRET:
         return 16, 16, 16, 16, 4
-    return 128, 64, 64, 64, 4
+    return (64, 32, 32, 32, 4) if fma else (128, 64, 64, 64, 4)
 
 
 class _AttentionTriton(torch.autograd.Function):
@@ -497,13 +527,15 @@ class _AttentionTriton(torch.autograd.Function):
         doc = doc_ids.contiguous() if doc_ids is not None else q  # any pointer when HAS_DOC is off
         out = torch.empty_like(q)  # (B, T, Hq, D)
         lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-        bm, bn, _, _, warps = _attn_config()
+        precision, fma = _dot_mode(q.dtype)
+        bm, bn, _, _, warps = _attn_config(fma)
         _attn_fwd_kernel[(triton.cdiv(T, bm), B * Hq)](
             q, k, v, sinks.contiguous(), doc, out, lse, T, Hq, sm_scale * LOG2E,
             HEAD_DIM=D, GROUP=Hq // Hkv, WINDOW=window, HAS_DOC=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET, num_warps=warps, num_stages=2)
+            BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET, PRECISION=precision,
+            num_warps=warps, num_stages=2)
         ctx.save_for_backward(q, k, v, sinks, doc_ids, out, lse)
-        ctx.sm_scale, ctx.window = sm_scale, window
+        ctx.sm_scale, ctx.window, ctx.dot_mode = sm_scale, window, (precision, fma)  # the backward uses the same
         return out
 
     @staticmethod
@@ -515,10 +547,11 @@ class _AttentionTriton(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, T) = dO . O
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         doc = doc_ids.contiguous() if doc_ids is not None else q
-        _, _, bm, bn, warps = _attn_config()
+        precision, fma = ctx.dot_mode
+        _, _, bm, bn, warps = _attn_config(fma)
         meta = dict(HEAD_DIM=D, GROUP=Hq // Hkv, WINDOW=ctx.window, HAS_DOC=doc_ids is not None, BLOCK_M=bm,
-                    BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET, num_warps=warps,
-                    num_stages=2)
+                    BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=_INTERPRET,
+                    PRECISION=precision, num_warps=warps, num_stages=2)
         qk_scale = ctx.sm_scale * LOG2E
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](q, k, v, doc, dout, lse, delta, dk, dv, T, Hq,
                                                              qk_scale, ctx.sm_scale, **meta)
@@ -650,7 +683,7 @@ def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias,
 @_jit
 def _grouped_mm_kernel(A, W, Bias, Out, TileExpert, TileRow, Offsets, K_in, N_out, sw_e, sw_k, sw_n, n_experts,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                       BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """Out[r] = A[r] @ W[e] (+ Bias[e]) for the rows r of expert e; one (row tile, column tile) per program.
     A (rows, K_in) and Out (rows, N_out) are contiguous and sorted by expert; W is read through its strides,
     so the backward passes W transposed without a copy."""
@@ -676,7 +709,7 @@ def _grouped_mm_kernel(A, W, Bias, Out, TileExpert, TileRow, Offsets, K_in, N_ou
         if DOT_F32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + e * N_out + offs_n, mask=offs_n < N_out, other=0.0).to(tl.float32)[None, :]
     tl.store(Out + offs_m[:, None].to(tl.int64) * N_out + offs_n[None, :], acc.to(Out.dtype.element_ty),
@@ -686,7 +719,7 @@ def _grouped_mm_kernel(A, W, Bias, Out, TileExpert, TileRow, Offsets, K_in, N_ou
 @_jit
 def _grouped_mm_dw_kernel(A, DOut, Offsets, DW, DBias, K_in, N_out, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_F32: tl.constexpr):
+                          DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """DW[e] = A_e^T @ DOut_e, a (BLOCK_K, BLOCK_N) tile per program, reducing over expert e's rows;
     the programs with pid_k == 0 also write DBias[e] = the column sums of DOut_e (no atomics)."""
     e = tl.program_id(0)
@@ -708,7 +741,7 @@ def _grouped_mm_dw_kernel(A, DOut, Offsets, DW, DBias, K_in, N_out, HAS_BIAS: tl
         if DOT_F32:
             a = a.to(tl.float32)
             d = d.to(tl.float32)
-        acc += tl.dot(tl.trans(a), d)
+        acc += tl.dot(tl.trans(a), d, input_precision=PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(d.to(tl.float32), axis=0)
     dw_ptrs = DW + e.to(tl.int64) * K_in * N_out + offs_k[:, None] * N_out + offs_n[None, :]
@@ -718,12 +751,13 @@ def _grouped_mm_dw_kernel(A, DOut, Offsets, DW, DBias, K_in, N_out, HAS_BIAS: tl
             tl.store(DBias + e * N_out + offs_n, dbias.to(DBias.dtype.element_ty), mask=offs_n < N_out)
 
 
-def _grouped_mm_config():
+def _grouped_mm_config(fma=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the row-tile kernel and (BLOCK_M, BLOCK_N, BLOCK_K) for dW.
-    Untuned H100-class guesses; 16 when interpreting."""
+    Untuned H100-class guesses; 16 when interpreting; smaller N and K tiles for fp32 IEEE dots (fma, see
+    _dot_mode). BLOCK_M of the row-tile kernel never changes: _moe_plan's tile map is built with it."""
     if _INTERPRET:
         return (16, 16, 16, 4), (16, 16, 16)
-    return (64, 128, 64, 4), (64, 64, 64)
+    return ((64, 32, 32, 4), (32, 32, 32)) if fma else ((64, 128, 64, 4), (64, 64, 64))
 
 
 def _moe_plan(flat_expert, n_experts, block_m):
@@ -745,13 +779,14 @@ def _moe_plan(flat_expert, n_experts, block_m):
     return offsets.to(torch.int32), tile_expert.to(torch.int32), tile_row.to(torch.int32)
 
 
-def _grouped_mm(a, w, bias, out, plan, K_in, N_out, w_strides):
+def _grouped_mm(a, w, bias, out, plan, K_in, N_out, w_strides, dot_mode):
     offsets, tile_expert, tile_row = plan
-    (bm, bn, bk, warps), _ = _grouped_mm_config()
+    precision, fma = dot_mode
+    (bm, bn, bk, warps), _ = _grouped_mm_config(fma)
     grid = (tile_expert.numel(), triton.cdiv(N_out, bn))
     _grouped_mm_kernel[grid](a, w, bias if bias is not None else a, out, tile_expert, tile_row, offsets, K_in,
                              N_out, *w_strides, w.shape[0], HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, DOT_F32=_INTERPRET, num_warps=warps, num_stages=3)
+                             BLOCK_K=bk, DOT_F32=_INTERPRET, PRECISION=precision, num_warps=warps, num_stages=3)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -763,7 +798,8 @@ class _GroupedLinear(torch.autograd.Function):
         E, K_in, N_out = w.shape
         out = torch.empty(a.shape[0], N_out, device=a.device, dtype=a.dtype)
         plan = (offsets, tile_expert, tile_row)
-        _grouped_mm(a, w, bias, out, plan, K_in, N_out, (w.stride(0), w.stride(1), w.stride(2)))
+        ctx.dot_mode = _dot_mode(a.dtype)  # the backward uses the same
+        _grouped_mm(a, w, bias, out, plan, K_in, N_out, (w.stride(0), w.stride(1), w.stride(2)), ctx.dot_mode)
         ctx.save_for_backward(a, w, offsets, tile_expert, tile_row)
         ctx.has_bias = bias is not None
         return out
@@ -776,13 +812,15 @@ class _GroupedLinear(torch.autograd.Function):
         da = torch.empty_like(a)
         # da = dout @ W[e]^T: the same kernel reading W with its last two strides swapped
         _grouped_mm(dout, w, None, da, (offsets, tile_expert, tile_row), N_out, K_in,
-                    (w.stride(0), w.stride(2), w.stride(1)))
+                    (w.stride(0), w.stride(2), w.stride(1)), ctx.dot_mode)
         dw = torch.empty(E, K_in, N_out, device=w.device, dtype=w.dtype)
         dbias = torch.empty(E, N_out, device=w.device, dtype=w.dtype) if ctx.has_bias else None
-        _, (bm, bn, bk) = _grouped_mm_config()
+        precision, fma = ctx.dot_mode
+        _, (bm, bn, bk) = _grouped_mm_config(fma)
         _grouped_mm_dw_kernel[(E, triton.cdiv(K_in, bk), triton.cdiv(N_out, bn))](
             a, dout, offsets, dw, dbias if dbias is not None else dw, K_in, N_out, HAS_BIAS=ctx.has_bias,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=_INTERPRET, num_warps=4, num_stages=3)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=_INTERPRET, PRECISION=precision, num_warps=4,
+            num_stages=3)
         return da, dw, dbias, None, None, None
 
 

@@ -130,15 +130,6 @@ def parse_value(key: str, text: str, kind: type):
         raise SystemExit(f"--{key}={text}: expected a value of type {kind.__name__}") from None
 
 
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step on each process, so that global_batch is the same on any world size."""
-    per_micro_step = cfg.micro_batch * world_size
-    if cfg.global_batch % per_micro_step:
-        raise SystemExit(f"global_batch={cfg.global_batch} is not a multiple of micro_batch={cfg.micro_batch} "
-                         f"x world_size={world_size}; change --global_batch or --micro_batch")
-    return cfg.global_batch // per_micro_step
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Schedules
 
@@ -218,15 +209,6 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple:
                 return key, peaks.get(dtype_name)
         return name, None
     return "cpu (measured)", measure_cpu_peak_tflops(dtype)
-
-
-def lm_flops_per_token(active_params: int, n_layer: int, n_head: int, head_dim: int, attn_spans: list) -> float:
-    """Training FLOPs per token of the language model: 6 N (forward 2 N, backward 4 N) for the active,
-    non-embedding parameters N, plus attention's score and value matmuls (PaLM appendix B): 6 * 2 * n_head *
-    head_dim * span per layer, where span is the mean number of keys a query sees (window or T/2)."""
-    attention = sum(12 * n_head * head_dim * span for span in attn_spans)
-    assert len(attn_spans) == n_layer
-    return 6 * active_params + attention
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ openai-harmony), batch-size invariance, greedy predictions against a cache-free 
 resume after an interruption, and torchrun sharding."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

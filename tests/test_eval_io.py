@@ -1,7 +1,6 @@
 """eval.py's readers (every benchmark's converted format), prompts, outputs, --rescore, overlap warnings."""
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -29,6 +29,8 @@ results = {}
 
 
 def compile_kernel(label, fn, signature, constexprs, num_warps=4, num_stages=2):
+    if label in results:  # the same specialisation again
+        return
     full = dict(signature)
     full.update({name: "constexpr" for name in constexprs})
     t0 = time.time()
@@ -56,31 +58,44 @@ compile_kernel("swiglu_fwd", K._swiglu_fwd_kernel,
 compile_kernel("swiglu_bwd", K._swiglu_bwd_kernel,
                {"GU": bf16, "DOut": bf16, "DGU": bf16, "n_out": "i64", "limit": "fp32", "alpha": "fp32"},
                {"BLOCK": 1024})
-fwd_m, fwd_n, bwd_m, bwd_n, warps = K._attn_config()
-for window in (0, 128):
-    for has_doc in (False, True):
-        meta = {"HEAD_DIM": 64, "GROUP": 8, "WINDOW": window, "HAS_DOC": has_doc, "BLOCK_D": 64, "DOT_F32": False}
-        tag = f"w{window}_doc{int(has_doc)}"
+def compile_dot_kernels(dt, precision, variants):
+    # the kernels with tl.dot, operands of type dt, with the tiles kernels.py launches them with;
+    # variants = (window, has_doc, has_bias) combinations
+    suffix = "" if dt == bf16 else f"_fp32_{precision}"
+    fma = dt == f32 and precision == "ieee"
+    fwd_m, fwd_n, bwd_m, bwd_n, warps = K._attn_config(fma)
+    (bm, bn, bk, mm_warps), (dw_m, dw_n, dw_k) = K._grouped_mm_config(fma)
+    for window, has_doc, has_bias in variants:
+        meta = {"HEAD_DIM": 64, "GROUP": 8, "WINDOW": window, "HAS_DOC": has_doc, "BLOCK_D": 64, "DOT_F32": False,
+                "PRECISION": precision}
+        tag = f"w{window}_doc{int(has_doc)}{suffix}"
         compile_kernel(f"attn_fwd_{tag}", K._attn_fwd_kernel,
-                       {"Q": bf16, "K": bf16, "V": bf16, "Sinks": bf16, "DocIds": i64, "Out": bf16, "Lse": f32,
+                       {"Q": dt, "K": dt, "V": dt, "Sinks": dt, "DocIds": i64, "Out": dt, "Lse": f32,
                         "T": "i32", "n_heads": "i32", "qk_scale": "fp32"},
                        {**meta, "BLOCK_M": fwd_m, "BLOCK_N": fwd_n}, num_warps=warps)
-        bwd_sig = {"Q": bf16, "K": bf16, "V": bf16, "DocIds": i64, "DO": bf16, "Lse": f32, "Delta": f32}
+        bwd_sig = {"Q": dt, "K": dt, "V": dt, "DocIds": i64, "DO": dt, "Lse": f32, "Delta": f32}
         scalars = {"T": "i32", "n_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
-        compile_kernel(f"attn_bwd_dkdv_{tag}", K._attn_bwd_dkdv_kernel, {**bwd_sig, "DK": bf16, "DV": bf16, **scalars},
+        compile_kernel(f"attn_bwd_dkdv_{tag}", K._attn_bwd_dkdv_kernel, {**bwd_sig, "DK": dt, "DV": dt, **scalars},
                        {**meta, "BLOCK_M": bwd_m, "BLOCK_N": bwd_n}, num_warps=warps)
-        compile_kernel(f"attn_bwd_dq_{tag}", K._attn_bwd_dq_kernel, {**bwd_sig, "DQ": bf16, **scalars},
+        compile_kernel(f"attn_bwd_dq_{tag}", K._attn_bwd_dq_kernel, {**bwd_sig, "DQ": dt, **scalars},
                        {**meta, "BLOCK_M": bwd_m, "BLOCK_N": bwd_n}, num_warps=warps)
-(bm, bn, bk, warps), (dw_m, dw_n, dw_k) = K._grouped_mm_config()
-for has_bias in (True, False):
-    compile_kernel(f"grouped_mm_bias{int(has_bias)}", K._grouped_mm_kernel,
-                   {"A": bf16, "W": bf16, "Bias": bf16, "Out": bf16, "TileExpert": i32, "TileRow": i32, "Offsets": i32,
-                    "K_in": "i32", "N_out": "i32", "sw_e": "i32", "sw_k": "i32", "sw_n": "i32", "n_experts": "i32"},
-                   {"HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_F32": False},
-                   num_warps=warps, num_stages=3)
-compile_kernel("grouped_mm_dw", K._grouped_mm_dw_kernel,
-               {"A": bf16, "DOut": bf16, "Offsets": i32, "DW": bf16, "DBias": bf16, "K_in": "i32", "N_out": "i32"},
-               {"HAS_BIAS": True, "BLOCK_M": dw_m, "BLOCK_N": dw_n, "BLOCK_K": dw_k, "DOT_F32": False}, num_stages=3)
+        compile_kernel(f"grouped_mm_bias{int(has_bias)}{suffix}", K._grouped_mm_kernel,
+                       {"A": dt, "W": dt, "Bias": dt, "Out": dt, "TileExpert": i32, "TileRow": i32, "Offsets": i32,
+                        "K_in": "i32", "N_out": "i32", "sw_e": "i32", "sw_k": "i32", "sw_n": "i32",
+                        "n_experts": "i32"},
+                       {"HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_F32": False,
+                        "PRECISION": precision}, num_warps=mm_warps, num_stages=3)
+    compile_kernel(f"grouped_mm_dw{suffix}", K._grouped_mm_dw_kernel,
+                   {"A": dt, "DOut": dt, "Offsets": i32, "DW": dt, "DBias": dt, "K_in": "i32", "N_out": "i32"},
+                   {"HAS_BIAS": True, "BLOCK_M": dw_m, "BLOCK_N": dw_n, "BLOCK_K": dw_k, "DOT_F32": False,
+                    "PRECISION": precision}, num_stages=3)
+
+
+# bf16 (training): every variant. fp32 with each dot precision (gpu_check's whole-model comparison): one variant
+# per attention kind (causal unpacked, sliding packed), the grouped GEMM with and without bias.
+compile_dot_kernels(bf16, "tf32", [(0, False, True), (0, True, False), (128, False, True), (128, True, False)])
+for precision in ("ieee", "tf32"):
+    compile_dot_kernels(f32, precision, [(0, False, True), (128, True, False)])
 for write_grad in (True, False):
     compile_kernel(f"cross_entropy_grad{int(write_grad)}", K._cross_entropy_kernel,
                    {"Logits": bf16, "Targets": i64, "Loss": f32, "V": "i32", "ignore_index": "i32"},
@@ -104,6 +119,6 @@ def compile_all(arch):
 def test_every_kernel_compiles_for_gpu(arch):
     pytest.importorskip("triton")
     results = compile_all(arch)
-    assert len(results) == 23
+    assert len(results) == 23 + 2 * 9
     failed = {name: r for name, r in results.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)

@@ -87,11 +87,6 @@ def test_peak_table_and_cpu_measurement():
     assert name.startswith("cpu") and 1e-4 < peak < 100  # a CPU core does 0.1 to a few hundred GFLOP/s
 
 
-def test_lm_flops_follow_6n_plus_attention():
-    """6 N per token for the active parameters plus PaLM's 12 x layers x width x span attention term."""
-    assert training.lm_flops_per_token(1000, 2, 4, 8, [10, 20]) == 6 * 1000 + 12 * 4 * 8 * 30
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the step loop, on a micro model
 
