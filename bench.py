@@ -9,6 +9,8 @@ Design choices
 
 lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, its default experts implementation)
     on a small config: training step (forward, backward, AdamW) tokens/s and greedy decoding tokens/s.
+    --clock=cpu times with the process's CPU time instead of the wall clock: on a machine shared with other jobs,
+    `--threads=1 --clock=cpu` gives repeatable numbers (with more threads it also counts their spin-waits).
 """
 import json
 import os
@@ -22,7 +24,7 @@ import torch
 
 LM_DEFAULTS = dict(layers=4, hidden=256, intermediate=256, experts=8, top_k=4, heads=8, kv_heads=2, head_dim=32,
                    vocab=8192, window=128, batch=4, seq=256, rounds=7, prompt=32, new_tokens=128, decode_batch=1,
-                   seed=0, threads=0)
+                   seed=0, threads=0, clock="wall")
 
 
 def lm_hf_config(a):
@@ -85,24 +87,28 @@ def bench_lm(a):
     models = {"ours": ours, "transformers": hf}
     idx, targets, prompt = lm_inputs(a)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}  # same optimizer both sides
+    if a["clock"] not in ("wall", "cpu"):
+        raise SystemExit(f"bench.py --what=lm: --clock={a['clock']!r}; choose wall or cpu")
+    clock = time.process_time if a["clock"] == "cpu" else time.perf_counter
     out_same = torch.equal(lm_decode("ours", ours.eval(), prompt, 16), lm_decode("hf", hf.eval(), prompt, 16))
     times = {(what, k): [] for what in ("train", "decode") for k in models}
     for r in range(a["rounds"] + 1):  # round 0 warms up and is dropped
         order = list(models) if r % 2 == 0 else list(models)[::-1]  # A/B, then B/A
         for k in order:
             m = models[k].train()
-            t0 = time.perf_counter()
+            t0 = clock()
             lm_train_step("ours" if k == "ours" else "hf", m, opts[k], idx, targets)
-            t1 = time.perf_counter()
+            t1 = clock()
             m.eval()
             lm_decode("ours" if k == "ours" else "hf", m, prompt, a["new_tokens"])
-            t2 = time.perf_counter()
+            t2 = clock()
             if r:
                 times[("train", k)].append(idx.numel() / (t1 - t0))
                 times[("decode", k)].append(a["decode_batch"] * a["new_tokens"] / (t2 - t1))
     mem = {k: lm_peak_memory(a, k) for k in models}
     print(f"lm bench: {a['layers']} layers, hidden {a['hidden']}, {a['experts']} experts (top {a['top_k']}), "
-          f"vocab {a['vocab']}, fp32 CPU, {torch.get_num_threads()} threads; medians of {a['rounds']} A/B rounds")
+          f"vocab {a['vocab']}, fp32 CPU, {torch.get_num_threads()} threads, {a['clock']} clock; medians of "
+          f"{a['rounds']} A/B rounds")
     print(f"greedy outputs of the two implementations equal: {out_same}")
     result = {}
     for what, unit in (("train", f"train tok/s (B={a['batch']}, T={a['seq']})"),

@@ -205,6 +205,8 @@ def _sm_count(device):
 def rms_norm(x, weight, eps=1e-5):
     if _use_triton(x):
         return _RMSNormTriton.apply(x, weight, eps)
+    if x.dtype == weight.dtype == torch.float32:  # all fp32: torch's fused op computes the same thing, faster
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
@@ -216,9 +218,11 @@ def apply_rope_torch(x, cos, sin):
     """x (B, T, H, D); cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]  # (1, T, D/2)
-    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)  # (B, T, 1, D/2)
-    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]: the same products
+    # and sums (so the same bits), in fewer ops; rolling by D/2 swaps the halves
+    cos = torch.cat((cos, cos), dim=-1)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
+    sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 @_jit
@@ -563,8 +567,28 @@ class _AttentionTriton(torch.autograd.Function):
         return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
 
 
+def _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask):
+    """attention_torch for one query per row (T == 1, the KV-cache decoding step), in a third of the ops: the query
+    sits at key position S - 1, so causality holds for every key and the window is a slice; GQA groups the query
+    heads of each key/value head instead of repeating the keys. Math in fp32, as the reference."""
+    B, _, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if window and S > window:  # visible: S - window < j <= S - 1
+        k, v = k[:, S - window:], v[:, S - window:]
+        key_mask = key_mask[:, S - window:] if key_mask is not None else None
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)  # (B, 1, Hq, D) -> (B, Hkv, G, D): head h = kv head h // G
+    scores = qg @ k.float().permute(0, 2, 3, 1) * sm_scale  # (B, Hkv, G, D) @ (B, Hkv, D, S) -> (B, Hkv, G, S)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    sink = sinks.float().view(1, Hkv, Hq // Hkv, 1).expand(B, -1, -1, -1)  # (B, Hkv, G, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # the sink column takes no value
+    out = probs @ v.float().transpose(1, 2)  # (B, Hkv, G, S) @ (B, Hkv, S, D) -> (B, Hkv, G, D)
+    return out.view(B, 1, Hq, D).to(q.dtype)  # (B, Hkv, G, D) -> (B, 1, Hq, D)
+
+
 def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=None):
-    """Triton for training shapes (S == T, no key_mask); decoding with a KV cache uses the torch reference."""
+    """Triton for training shapes (S == T, no key_mask); decoding with a KV cache uses the torch reference
+    (one query per row: its lean form, _attention_one_query)."""
     if _use_triton(q) and k.shape[1] == q.shape[1] and key_mask is None:
         B, T, Hq, D = q.shape
         if Hq % k.shape[2]:
@@ -573,6 +597,9 @@ def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=No
             raise ValueError(f"attention: doc_ids has shape {tuple(doc_ids.shape)}, expected {(B, T)}")
         sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
         return _AttentionTriton.apply(q, k, v, sinks, sm_scale, int(window), doc_ids)
+    if q.shape[1] == 1 and doc_ids is None and q.shape[2] % k.shape[2] == 0:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+        return _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask)
     return attention_torch(q, k, v, sinks, sm_scale, window, doc_ids, key_mask)
 
 
@@ -582,7 +609,9 @@ def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=No
 
 def swiglu_torch(gate_up, limit=7.0, alpha=1.702):
     """gate_up (..., 2I) with gate in even and up in odd columns. Returns (..., I)."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    # unbind rather than two strided slices: the same views, but autograd joins their gradients with one stack
+    # instead of zero-filling a full-size tensor per slice
+    gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)  # (..., I) each
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (up + 1)
@@ -655,29 +684,50 @@ def swiglu(gate_up, limit=7.0, alpha=1.702):
 # MoE experts: tokens bucketed by expert, one matmul per expert
 
 
+GROUPED_MM_MAX_SLOTS = 64  # up to this many (token, expert) slots the CPU torch path uses torch._grouped_mm
+
+
+def _grouped_mm_fits(x, gate_up_proj, down_proj):
+    """torch._grouped_mm on CPU: one dtype, contiguous weights, every row stride a multiple of 16 bytes."""
+    I, H = down_proj.shape[1], down_proj.shape[2]
+    row_bytes = [H * x.element_size(), I * x.element_size(), 2 * I * x.element_size()]
+    return (x.device.type == "cpu" and hasattr(torch, "_grouped_mm")
+            and x.dtype == gate_up_proj.dtype == down_proj.dtype
+            and gate_up_proj.is_contiguous() and down_proj.is_contiguous() and all(b % 16 == 0 for b in row_bytes))
+
+
 def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                       limit=7.0, alpha=1.702):
     """x (N, H); topk_idx, topk_weight (N, K); gate_up_proj (E, H, 2I), gate_up_proj_bias (E, 2I);
-    down_proj (E, I, H), down_proj_bias (E, H). Returns (N, H): sum_k weight_k * expert_{idx_k}(x)."""
+    down_proj (E, I, H), down_proj_bias (E, H). Returns (N, H): sum_k weight_k * expert_{idx_k}(x).
+
+    Slots (token, choice) are sorted by expert and gathered once; each expert's rows go through addmm, SwiGLU,
+    addmm; or, for a few slots on CPU (decoding), all experts at once through one torch._grouped_mm per projection
+    (a handful of ops in all, and no weight copies). Gathers are index_select: its backward is index_add."""
     N, K = topk_idx.shape
-    E = gate_up_proj.shape[0]
-    flat_expert = topk_idx.reshape(-1)  # (N*K,)
-    order = torch.argsort(flat_expert, stable=True)  # slots sorted by expert
-    counts = torch.bincount(flat_expert, minlength=E).tolist()
-    token_of_slot = order // K  # (N*K,) which token each sorted slot belongs to
-    weight_of_slot = topk_weight.reshape(-1)[order]  # (N*K,)
-    out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        tokens = token_of_slot[start:start + n]
-        h = x[tokens] @ gate_up_proj[e] + gate_up_proj_bias[e]  # (n, 2I)
-        h = swiglu(h, limit, alpha)  # (n, I)
-        y = h @ down_proj[e] + down_proj_bias[e]  # (n, H)
-        out.index_add_(0, tokens, (y * weight_of_slot[start:start + n, None]).to(x.dtype))
-        start += n
-    return out
+    E, H = gate_up_proj.shape[0], x.shape[1]
+    if N == 0:
+        return torch.zeros_like(x)
+    flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
+    order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
+    x_sorted = x.index_select(0, order // K)  # (N*K, H)
+    if N * K <= GROUPED_MM_MAX_SLOTS and _grouped_mm_fits(x, gate_up_proj, down_proj):
+        ends = torch.cumsum(torch.bincount(flat_expert, minlength=E), 0).to(torch.int32)  # (E,) last row + 1
+        expert_sorted = flat_expert[order]  # (N*K,)
+        h = torch._grouped_mm(x_sorted, gate_up_proj, offs=ends) + gate_up_proj_bias[expert_sorted]  # (N*K, 2I)
+        h = swiglu_torch(h, limit, alpha)  # (N*K, I)
+        y_sorted = torch._grouped_mm(h, down_proj, offs=ends) + down_proj_bias[expert_sorted]  # (N*K, H)
+    else:
+        counts = torch.bincount(flat_expert, minlength=E).tolist()  # a host sync on GPUs (the reference path)
+        experts, rows = [e for e, n in enumerate(counts) if n], [n for n in counts if n]
+        y_sorted = []
+        # split, not slices: autograd joins split gradients with one cat instead of a zero-filled tensor per slice
+        for e, x_e in zip(experts, x_sorted.split(rows)):
+            h = swiglu_torch(torch.addmm(gate_up_proj_bias[e], x_e, gate_up_proj[e]), limit, alpha)  # (n_e, I)
+            y_sorted.append(torch.addmm(down_proj_bias[e], h, down_proj[e]))  # (n_e, H)
+        y_sorted = torch.cat(y_sorted)  # (N*K, H)
+    y = y_sorted.index_select(0, torch.argsort(order)).view(N, K, H)  # back in slot order, (N*K, H) -> (N, K, H)
+    return (y * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
 
 @_jit

@@ -463,8 +463,15 @@ class GPT(nn.Module):
         B, T, H = x.shape
         if targets.shape != (B, T):
             raise ValueError(f"GPT.forward: targets have shape {tuple(targets.shape)}, expected {(B, T)}")
-        ce = kernels.linear_cross_entropy(x.reshape(B * T, H), self.lm_head.weight,  # (N, H), (V, H)
-                                          targets.reshape(B * T))  # (N,)
+        # Only rows with a target reach the unembedding: with a 201088-row lm_head it dominates the step, and
+        # instruction data scores ~10% of its tokens (image tokens and prompts are -100).
+        flat_targets = targets.reshape(B * T)  # (N,)
+        scored = (flat_targets != -100).nonzero().squeeze(1)  # (n,)
+        if scored.numel() == 0:  # nothing to score: a zero that keeps the graph (a mean over none would be nan),
+            ce = (x.sum() + self.lm_head.weight.sum()) * 0.0  # lm_head in it too, so every rank sees the same grads
+        else:
+            ce = kernels.linear_cross_entropy(x.reshape(B * T, H)[scored], self.lm_head.weight,  # (n, H), (V, H)
+                                              flat_targets[scored])  # (n,)
         loss, aux = ce, None
         if self.training and self.config.router_aux_loss_coef:
             aux = load_balancing_loss(router_logits, self.config.num_local_experts, self.config.num_experts_per_tok)

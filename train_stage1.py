@@ -32,9 +32,10 @@ PRESETS = {
                        warmup_frac=0.03, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                        train_vision=False, train_projector=True, train_lm=False, dtype="bfloat16",
                        activation_checkpointing=True, ckpt_every=500, log_every=10),
-    # A laptop CPU, the demo data, seconds per step.
+    # A laptop CPU, the demo data, about a second per step. micro_batch x 2 processes = global_batch: one forward
+    # per process per step (each backward costs a dense 201088-row gradient and a reduce-scatter, whatever its size).
     "tiny": dict(out_dir="out/demo/stage1", init_from="scratch", arch="tiny", data="out/demo/data/stage1.json",
-                 global_batch=8, micro_batch=2, seq_len=256, max_steps=20, lr=2e-3, min_lr=2e-4,
+                 global_batch=16, micro_batch=8, seq_len=256, max_steps=20, lr=2e-3, min_lr=2e-4,
                  warmup_frac=0.1, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                  train_vision=False, train_projector=True, train_lm=False, dtype="float32", ckpt_every=0,
                  log_every=5),

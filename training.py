@@ -15,7 +15,8 @@ Design choices
 - LR: linear warm-up over `warmup_frac` of the steps, then cosine decay to `min_lr` (paper: AdamW, cosine).
 - Non-finite guard: a step whose loss or gradient norm is not finite is skipped (grads dropped, counted); after
   `max_nonfinite` in a row the run saves a checkpoint and stops with a clear message.
-- MFU: model FLOPs (6 x active parameters per token + attention, backward counted as 2 x forward) against a table
+- MFU: model FLOPs (6 x active parameters per token + attention, backward counted as 2 x forward; the unembedding
+  only for tokens with a target, as GPT.forward computes it) against a table
   of dense peaks per device (B200, H100, H200, A100) or, on a CPU, a peak measured once with a matmul.
 - Logs: one console line per `log_every` steps (a progress bar with ETA on a terminal), `metrics.jsonl` in out_dir
   (TensorBoard too when the `tensorboard` package is installed). Nothing logs sample text.
@@ -437,7 +438,9 @@ def flops_model(model, cfg: TrainConfig) -> dict:
     projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
     before_lm = cfg.train_vision or cfg.train_projector
     return {
-        "lm_per_token": 2 * param_counts(lm)["active"],
+        # the unembedding runs only on rows with a target (GPT.forward), so it is counted per target token
+        "lm_per_token": 2 * (param_counts(lm)["active"] - lm.hidden_size * lm.vocab_size),
+        "unembed_per_target": 2 * lm.hidden_size * lm.vocab_size,
         "lm_attn": [(lm.num_attention_heads * lm.head_dim, lm.window_of(i)) for i in range(lm.num_hidden_layers)],
         "vision_per_tile": 2 * vision_params * n_vis + used * 4 * vc.hidden_size * n_vis * n_vis
         + 2 * projector * model.tokens_per_tile,
@@ -453,7 +456,8 @@ def step_flops(fm: dict, micro_batches: list) -> float:
     for mb in micro_batches:
         B, T = mb["input_ids"].shape
         attn = sum(4 * width * (min(window, T) if window else T / 2) for width, window in fm["lm_attn"])
-        total += fm["lm_mult"] * B * T * (fm["lm_per_token"] + attn)
+        n_targets = int((mb["targets"] != -100).sum())
+        total += fm["lm_mult"] * (B * T * (fm["lm_per_token"] + attn) + n_targets * fm["unembed_per_target"])
         if mb.get("pixel_values") is not None:
             total += fm["vision_mult"] * mb["pixel_values"].shape[0] * fm["vision_per_tile"]
     return total
@@ -481,9 +485,7 @@ def forward_backward(model, micro_batches: list, run: Run) -> dict:
     ce_sum = aux_sum = 0.0
     for mb, n in zip(micro_batches, n_local):
         mb = to_device(mb, run.device)
-        if n == 0:  # nothing to learn here, but ZeRO3's collectives need this forward and backward on every rank
-            mb["targets"] = mb["targets"].clone()
-            mb["targets"][0, 0] = mb["input_ids"][0, 0]  # a finite loss to scale by zero (a mean over 0 is nan)
+        # n == 0 still runs forward and backward (a zero loss): ZeRO3's collectives need them on every rank
         _, loss = model(mb["input_ids"], mb["pixel_values"], mb["targets"], doc_ids=mb["doc_ids"],
                         position_ids=mb["position_ids"])
         (loss * (n * run.world_size / max(n_global, 1))).backward()
@@ -623,9 +625,11 @@ def arch_config(name: str):
     if name == "medgpt-20b":
         return MedGPTConfig(text=GPTConfig.preset("gpt-oss-20b"), vision=vision.CLIPVisionConfig())
     if name == "tiny":
-        # GPTConfig's tiny, narrowed to 64: the 201088-row unembedding dominates a CPU step, its cost is linear in it
+        # GPTConfig's tiny, narrowed to 64: the 201088-row unembedding dominates a CPU step, its cost is linear in it.
+        # 4 layers and a 128-token window (tiny's 16 hides a question from the answer in the sliding layers) let
+        # the answer see the question and the image in more than one layer; depth is cheap next to the vocabulary.
         text = GPTConfig.preset("tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=16)
+                                num_key_value_heads=2, head_dim=16, num_hidden_layers=4, sliding_window=128)
         tower = vision.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
                                         num_attention_heads=4, image_size=112, patch_size=14)
         return MedGPTConfig(text=text, vision=tower)

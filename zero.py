@@ -42,6 +42,8 @@ Design choices
   parameter at a time; `iter_full_params` gathers one unit at a time from a live run.
 - Communication is counted (bytes of full buffers moved per collective kind) in `ZeRO3.comm_bytes`.
 - On CUDA, NCCL runs async collectives on its own stream (the side stream); `wait()` makes compute wait for it.
+- `FSDP2` is PyTorch's fully_shard on the same units behind the same engine methods (`--sharding=fsdp2`): the
+  reference ZeRO3 is measured against. torch.optim.AdamW on DTensors; no checkpoints (it refuses, clearly).
 """
 import json
 import math
@@ -594,6 +596,7 @@ def _tuples(x):
 def save_checkpoint(zero, root, step, extra=None, keep_last=2):
     """Write `<root>/step_<step>/` (every rank its shards, rank 0 the manifest) atomically; returns its path.
     extra: this rank's JSON-able state (schedule, data-loader position, ...), returned by load_checkpoint."""
+    _refuse_fsdp2(zero, root)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
     if zero.rank == 0:
@@ -625,6 +628,12 @@ def save_checkpoint(zero, root, step, extra=None, keep_last=2):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def _refuse_fsdp2(engine, path):
+    if isinstance(engine, FSDP2):
+        raise ValueError(f"{path}: --sharding=fsdp2 is a reference path; checkpoints need --sharding=zero3 "
+                         f"(run fsdp2 with --ckpt_every=0 and without --resume)")
 
 
 def latest_checkpoint(root):
@@ -675,6 +684,7 @@ class _ShardFiles:
 def load_checkpoint(zero, path):
     """Restore parameters, AdamW state, RNG states from a checkpoint written by any number of processes.
     Returns (step, extra) where extra is what this rank (or rank % N of an N-process checkpoint) saved."""
+    _refuse_fsdp2(zero, path)
     files = _ShardFiles(path)
     mine = zero.layout()
     theirs = files.manifest["buffers"]
@@ -725,7 +735,12 @@ def iter_checkpoint_params(path):
 
 def iter_full_params(zero, dtype=torch.float32):
     """(name, tensor on CPU) for every parameter of a live run, gathering one buffer at a time on every rank
-    (a collective: every rank must iterate to the end). Trainable values come from the fp32 masters."""
+    (a collective: every rank must iterate to the end). Trainable values come from the fp32 masters.
+    An FSDP2 engine: DTensor.full_tensor() one parameter at a time."""
+    if isinstance(zero, FSDP2):
+        for name, param in zero.model.named_parameters():
+            yield name, param.detach().full_tensor().to("cpu", dtype)
+        return
     for unit in zero.units:
         for buf in unit.buffers:
             src = buf.master if buf.trainable else buf.shard
@@ -785,14 +800,110 @@ def adamw_param_groups(model, weight_decay, decay=default_decay):
     return [{"params": groups[True], "weight_decay": weight_decay}, {"params": groups[False], "weight_decay": 0.0}]
 
 
-def shard_fsdp2(model, units, dtype=torch.float32, reduce_dtype=torch.float32):
-    """`--sharding=fsdp2`: torch.distributed.fsdp.fully_shard on every unit, then on the root (same units as ZeRO3)."""
+def shard_fsdp2(model, units, dtype=torch.float32, reduce_dtype=torch.float32, device=None):
+    """`--sharding=fsdp2`: torch.distributed.fsdp.fully_shard on every unit, then on the root (same units as ZeRO3).
+    Units reshard after forward (gathered again for backward, like ZeRO3); the root stays gathered from forward to
+    backward (GPT reads lm_head.weight in its fused loss at the very end of forward)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    device = torch.device(device) if device is not None else _default_device()
+    mesh = init_device_mesh(device.type, (_world()[1],))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
     for unit in units:
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     return model
+
+
+def _init_single_process_group(device):
+    """FSDP2 needs a process group even for one process: a 1-rank group on an in-memory store (no network)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+
+
+class FSDP2:
+    """PyTorch's FSDP2 (fully_shard) behind ZeRO3's engine interface, so `--sharding=fsdp2` runs the same training
+    loop on the same units: a reference for ZeRO3's numbers and speed.
+
+    Parameters become DTensors sharded on dim 0 (fp32: they are the masters); forward and backward compute in
+    `dtype` (MixedPrecisionPolicy), gradients are reduce-scattered in `reduce_dtype`. torch.optim.AdamW runs on the
+    DTensors with adamw_param_groups (ZeRO3's weight-decay rule). Checkpoints are not supported (save_checkpoint
+    and load_checkpoint refuse): this is a reference path, resumable runs use ZeRO3.
+    """
+
+    def __init__(self, model, units, *, dtype=torch.float32, device=None, lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                 weight_decay=0.0, checkpointing=False, reduce_dtype=torch.float32, decay=default_decay):
+        if any(p.is_meta for p in model.parameters()):
+            raise ValueError("FSDP2: the model has meta-device parameters; build it with real weights "
+                             "(the meta-device start with `load=` is ZeRO3's)")
+        self.model, self.dtype, self.lr = model, dtype, lr
+        self.device = torch.device(device) if device is not None else _default_device()
+        _init_single_process_group(self.device)
+        self.rank, self.world_size = _world()
+        self.units = list(units)
+        if checkpointing:  # before fully_shard: FSDP2's hooks stay outside, the recomputation runs gathered
+            for unit in self.units:
+                unit.forward = _checkpointed(unit.forward)
+        shard_fsdp2(model, self.units, dtype=dtype, reduce_dtype=reduce_dtype, device=self.device)
+        self.optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay, decay), lr=lr, betas=betas,
+                                           eps=eps)
+
+    def trainable_params(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm):
+        """Global L2 norm of the sharded gradients (a DTensor norm made whole: one all-reduce), clipped to
+        max_norm (0: no clipping) with torch.nn.utils' formula. Returns the norm before clipping (a float)."""
+        params = [p for p in self.trainable_params() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # Partial sums -> the global norm
+        if max_norm and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.item()
+
+    def step(self, lr=None):
+        """One torch.optim.AdamW step on the sharded fp32 parameters, then drop the gradients."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr if lr is None else lr
+        self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self):
+        """Drop the accumulated gradients (after a step, or to skip a non-finite one)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def memory_bytes(self):
+        """Bytes this rank holds for parameters (the sharded fp32 masters, frozen shards included), gradients
+        (one fp32 shard per trainable parameter while accumulating) and AdamW moments (two per trainable)."""
+        local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
+        params = sum(_nbytes(local(p)) for p in self.model.parameters())
+        trainable = sum(_nbytes(local(p)) for p in self.trainable_params())
+        return {"params": params, "grads": trainable, "optimizer": 2 * trainable}
+
+    def fsdp_modules(self):
+        return self.units + [self.model]
+
+    @contextmanager
+    def gathered(self):
+        """All parameters whole (in `dtype`) inside the block: every FSDP module unsharded and kept so through
+        forwards (evaluation or generation of a model that fits one device)."""
+        for m in self.units:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.fsdp_modules():
+            m.unshard()
+        try:
+            yield self.model
+        finally:
+            for m in self.fsdp_modules():
+                m.reshard()
+            for m in self.units:
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ Design choices
   split is by source: the held-out set shares no image, series or volume with training.
 - Augmentation that stays true to the image: random square crops, random intensity windows, other frames of a
   multi-frame series, other slices (in three planes) of a volume; flips only where no answer depends on side.
+- Stage 3 has one question per conversation, image first, exactly as eval asks it (a multi-turn chat lets a tiny
+  model answer later questions from earlier answers instead of the image); the 1,544 text-only report questions
+  get weight 0.1 in stage3.json so the image questions are not drowned.
 - Eval asks a question only when its answer also occurs in training (a tiny model cannot name a class it never
   saw); `stats.json` counts what was left out and gives the majority-answer baseline to beat.
 - Deterministic: every random choice comes from `random.Random(f"{seed}:{what}")`; PNGs are byte-identical
@@ -434,19 +437,22 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
                 rel = f"imgs/{source.name}_{i:03d}.png"
                 eval_images.append((source, plane, rel, save_png(image, os.path.join(eval_dir, rel)), where))
 
-    # stage 1: captions; stage 3: one multi-turn conversation per training image
+    # stage 1: captions; stage 3: one single-question conversation per training image and question
     rng = random.Random(f"{seed}:questions")
     captions, conversations, hashes = [], [], []
     train_answers = defaultdict(Counter)  # kind -> answer counts
     for source, plane, rel, digest, where in train_images:
         captions.append({"image": rel, "caption": caption(source, plane)})
-        turns = []
-        for kind, qtype, question, options, answer in image_questions(source, plane, rng):
-            turns += [{"from": "human", "value": ("<image>\n" if not turns else "") + prompt_text(qtype, question, options)},
-                      {"from": "gpt", "value": answer}]
+        # One question per conversation, right after the image, as eval.py asks it. In a multi-turn chat the later
+        # answers follow from the earlier ones ("ct" -> "head"), a text shortcut a tiny model takes instead of
+        # learning to read the image.
+        for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, plane, rng)):
+            turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)},
+                     {"from": "gpt", "value": answer}]
+            conversations.append({"id": f"{os.path.basename(rel).removesuffix('.png')}-{k}", "image": rel,
+                                  "conversations": turns})
             train_answers[kind][answer] += 1
             hashes.append({"kind": "text", "sha256": text_sha256(question), "ref": rel})
-        conversations.append({"id": os.path.basename(rel).removesuffix(".png"), "image": rel, "conversations": turns})
         hashes.append({"kind": "image", "sha256": digest, "ref": rel})
 
     # stage 2: interleaved documents (a source's images with their captions) and text documents
@@ -513,7 +519,7 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
     write_json(os.path.join(out_dir, "stage2.json"), {"datasets": [{"path": "interleaved.jsonl", "weight": 1.0},
                                                                   {"path": "text.jsonl", "weight": 0.5}]})
     write_json(os.path.join(out_dir, "stage3.json"), {"datasets": [{"path": "conversations.jsonl", "weight": 1.0},
-                                                                  {"path": "text_conversations.jsonl", "weight": 0.3}]})
+                                                                  {"path": "text_conversations.jsonl", "weight": 0.1}]})
     write_json(os.path.join(out_dir, "manifest.json"), manifest(seed, size, train_images, eval_images, len(reports)))
     stats = statistics(train_images, eval_images, train_answers, eval_answers, items + report_eval, dropped)
     stats.update(seed=seed, size=size,

@@ -7,6 +7,7 @@ re-decorated as interpreted functions. Shapes are tiny and deliberately not mult
 (16 when interpreting). Every check covers the forward and every gradient.
 """
 import importlib
+import math
 import os
 import types
 
@@ -61,6 +62,38 @@ def test_kernel_path_switch(monkeypatch):
         kernels.kernel_path(x)
 
 
+def test_dot_precision_switch(monkeypatch):
+    """MEDGPT_DOT_PRECISION picks the fp32 tl.dot precision (a kernel constexpr); half types always get 'tf32'
+    (they ignore it, so no duplicate variants), fp32 + 'ieee' gets the small FMA tiles."""
+    monkeypatch.delenv("MEDGPT_DOT_PRECISION", raising=False)
+    assert kernels.dot_precision() == "tf32"
+    monkeypatch.setenv("MEDGPT_DOT_PRECISION", "IEEE")
+    assert kernels.dot_precision() == "ieee"
+    assert kernels._dot_mode(torch.float32) == ("ieee", True)
+    assert kernels._dot_mode(torch.bfloat16) == ("tf32", False)
+    monkeypatch.setenv("MEDGPT_DOT_PRECISION", "tf32x3")
+    assert kernels._dot_mode(torch.float32) == ("tf32x3", False)
+    monkeypatch.setenv("MEDGPT_DOT_PRECISION", "fp64")
+    with pytest.raises(ValueError, match="MEDGPT_DOT_PRECISION"):
+        kernels.dot_precision()
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_dot_kernels_run_with_each_precision(triton_path, monkeypatch, precision):
+    """Attention and the MoE grouped GEMM launch with either precision constexpr (the interpreter ignores its
+    value; tests/test_kernels_compile.py compiles both for the GPU) and still match the references."""
+    monkeypatch.setenv("MEDGPT_DOT_PRECISION", precision)
+    q, k, v, sinks = attention_inputs(1, 21, 4, 2, 16, seed=11)
+    assert_close_all(*run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=6),
+                               lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=6), [q, k, v, sinks]),
+                     2e-5, 2e-5)
+    top_idx, top_w = routing(11, 4, 2, seed=5)
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(6))
+    assert_close_all(*run_both(lambda x, *p: kernels.moe_experts(x, top_idx, top_w, *p),
+                               lambda x, *p: kernels.moe_experts_torch(x, top_idx, top_w, *p),
+                               [x, *expert_params(4, 16, 12, seed=7)]), 1e-4, 1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ RMSNorm
 
 
@@ -78,6 +111,21 @@ def test_rms_norm(triton_path, dtype, tol):
     with torch.no_grad():
         oracle.weight.copy_(weight)
         torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), oracle(x), atol=tol, rtol=tol)
+
+
+def test_rms_norm_torch_path_fp32(monkeypatch):
+    """The torch path's fp32 shortcut (F.rms_norm) against transformers' GptOssRMSNorm, forward and gradients."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 48) * 3
+    oracle = GptOssRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        oracle.weight.copy_(1 + 0.5 * torch.randn(48))
+    results = run_both(lambda x, w: kernels.rms_norm(x, w, 1e-5),
+                       lambda x, w: torch.func.functional_call(oracle, {"weight": w}, (x,)), [x, oracle.weight.detach()])
+    assert_close_all(*results, 1e-6, 1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
@@ -98,6 +146,19 @@ def test_rope(triton_path, batched_tables):
     cos_b, sin_b = (cos[None] if not batched_tables else cos), (sin[None] if not batched_tables else sin)
     expected = _apply_rotary_emb(x, cos_b[:, :, None, :], sin_b[:, :, None, :])
     torch.testing.assert_close(results[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_torch_bitwise_equals_transformers(dtype):
+    """apply_rope_torch (x * [cos, cos] + roll(x) * [-sin, sin]) makes the same products and sums as transformers'
+    _apply_rotary_emb, so the bits are equal, in fp32 and in bf16 (cos/sin cast to x's dtype, as transformers)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import _apply_rotary_emb
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 3, 64, generator=g).to(dtype)
+    cos, sin = torch.randn(9, 32, generator=g), torch.randn(9, 32, generator=g)
+    expected = _apply_rotary_emb(x, cos[None, :, None, :].to(dtype), sin[None, :, None, :].to(dtype))
+    assert torch.equal(kernels.apply_rope_torch(x, cos, sin), expected)
 
 
 # ------------------------------------------------------------------------------------------------ SwiGLU
@@ -224,6 +285,27 @@ def test_attention_decode_uses_reference(triton_path):
     torch.testing.assert_close(out, kernels.attention_torch(q, k, v, sinks, window=5, key_mask=key_mask))
 
 
+@pytest.mark.parametrize("window,S,padded", [(0, 13, False), (5, 13, True), (20, 13, True), (6, 6, False)])
+def test_attention_one_query_matches_transformers(monkeypatch, window, S, padded):
+    """The decoding step (one query per row, the last of S positions) on the torch path: against transformers'
+    eager attention over the whole sequence with the same window and padding mask, last row; GQA 4:2 (grouped
+    query heads instead of repeated keys), sinks; a window shorter and longer than the keys."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q_all, k, v, sinks = attention_inputs(B, S, Hq, Hkv, D, seed=12)
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        key_mask[1, :3] = False  # row 1 is left-padded
+    out = kernels.attention(q_all[:, -1:], k, v, sinks, window=window, key_mask=key_mask if padded else None)
+    mask = reference_mask(S, window, None) + torch.zeros(B, 1, 1, S).masked_fill(~key_mask[:, None, None], -math.inf)
+    module = types.SimpleNamespace(num_key_value_groups=Hq // Hkv, sinks=sinks, training=False)
+    expected, _ = eager_attention_forward(module, q_all.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                          scaling=D ** -0.5)
+    torch.testing.assert_close(out, expected[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ cross-entropy
 
 
@@ -321,6 +403,36 @@ def test_moe_experts_matches_reference_and_transformers(triton_path):
         for name, p in zip(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"], params):
             getattr(oracle, name).copy_(p)
         torch.testing.assert_close(results[0], oracle(x, top_idx, top_w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("N,H,I,grouped", [(3, 32, 16, True), (16, 32, 16, True), (40, 32, 16, False),
+                                           (3, 30, 18, False)])
+def test_moe_experts_torch_paths_match_transformers(monkeypatch, N, H, I, grouped):
+    """Both forms of the torch path (torch._grouped_mm for a few slots on CPU; addmm per expert otherwise, and
+    whenever a row stride is not a multiple of 16 bytes) against transformers' GptOssExperts: forward and the
+    gradients of x, the routing weights and all four expert parameters."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    E, K = 6, 3
+    top_idx, top_w = routing(N, E, K, seed=8)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(9)) * 2
+    params = expert_params(E, H, I, seed=10)
+    assert kernels._grouped_mm_fits(x, params[0], params[2]) == (H % 4 == 0 and I % 4 == 0)
+    assert (N * K <= kernels.GROUPED_MM_MAX_SLOTS and H % 4 == 0 and I % 4 == 0) == grouped
+    oracle = GptOssExperts(GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                        num_experts_per_tok=K))
+    names = ["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"]
+
+    def transformers_experts(x, w, *p):
+        return torch.func.functional_call(oracle, dict(zip(names, p)), (x, top_idx, w))
+
+    results = run_both(lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p), transformers_experts,
+                       [x, top_w, *params])
+    assert_close_all(*results, 1e-5, 1e-5)
+    for grad in results[2][2:]:  # expert 2 gets no token: zero gradients
+        assert (grad[2] == 0).all()
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
@@ -453,14 +565,18 @@ def test_chunked_cross_entropy_peak_memory_at_full_vocabulary():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """gpu_check.py --dry (CPU, interpreter, tiny shapes) runs every section without an error and writes its JSON."""
+    """gpu_check.py --dry (CPU, interpreter, tiny shapes) runs every section without an error and writes its JSON,
+    as on the GPU machine: with transformers and PIL unimportable (model.py's vision import is stubbed there)."""
     import json
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     summary_path = tmp_path / "gpu_check.json"
-    out = subprocess.run([sys.executable, os.path.join(root, "gpu_check.py"), "--dry", f"--out={summary_path}"],
+    blocked = ("import runpy, sys; sys.modules.update(transformers=None, PIL=None); "
+               f"sys.argv = [{os.path.join(root, 'gpu_check.py')!r}] + sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", blocked, "--dry", f"--out={summary_path}"],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
@@ -470,3 +586,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert not skipped, skipped
     checks = summary["verdicts"]["checks_passed"]
     assert len(checks) >= 9 and all(checks.values()), checks
+    assert {"model_equality.fp32_ieee", "model_equality.fp32_ieee_packed", "model_equality.bf16",
+            "kernels_fp32_ieee.attention_packed_sliding"} <= checks.keys()
+    assert "PIL is not installed: stubbed" in out.stdout

@@ -246,3 +246,32 @@ def test_empty_micro_batch_contributes_nothing(tmp_path):
     reference = run_plain_torch(cfg, lambda step, n: micro_batches(step, 1, micro_config()), 1)
     for name, ref in reference.items():
         torch.testing.assert_close(ours[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_loss_only_on_target_rows_and_zero_without_targets():
+    """GPT.forward scores only rows whose target is not -100 (the rest never reach the unembedding): the loss and
+    gradients equal torch's cross-entropy over the full logits; with no target at all the loss is a finite zero
+    whose backward reaches every parameter (zeros, not None), so ZeRO3 sees the same gradients on every rank."""
+    torch.manual_seed(0)
+    lm = MedGPT(micro_config()).language_model.train()
+    lm.config.router_aux_loss_coef = 0.0
+    idx = torch.randint(0, 400, (2, 12))
+    targets = torch.randint(0, 400, (2, 12))
+    targets[0, :7] = -100
+    targets[1, 3:] = -100
+    _, loss = lm(idx, targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad()
+    logits = lm.lm_head(lm.hidden_states(idx)[0])  # (B, T, V): the unfused reference
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    lm.zero_grad(set_to_none=True)
+    _, loss = lm(idx, torch.full_like(targets, -100))
+    assert loss.item() == 0.0 and lm.last_losses["ce"] == 0.0
+    loss.backward()
+    for n, p in lm.named_parameters():
+        assert p.grad is not None and not p.grad.any(), n

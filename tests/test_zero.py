@@ -1,5 +1,6 @@
 """
-zero.py: ZeRO-3 on 2 CPU processes (gloo, torchrun) against one plain PyTorch process and against FSDP2;
+zero.py: ZeRO-3 on 2 CPU processes (gloo, torchrun) against one plain PyTorch process and against FSDP2 (raw
+fully_shard, and the zero.FSDP2 engine that `--sharding=fsdp2` uses);
 memory, bytes moved, checkpoints N -> M, the memory plan against PyTorch's MemTracker; shard-wise reading.
 
 The torchrun launches run once per session (module fixture `runs`); tests read their outputs.
@@ -51,8 +52,8 @@ def runs(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in init.state_dict().items()}, str(out / "init.safetensors"))
     common = ["--init", str(out / "init.safetensors"), "--out", str(out), "--steps", str(STEPS)]
     ckpt = f"step_{SAVE_AT:08d}"
-    launch(1, common + ["--jobs", "ref,zero,mem", "--tag", "z1", "--save_at", str(SAVE_AT)])
-    launch(2, common + ["--jobs", "zero,fsdp2,resume,mem", "--tag", "z2", "--save_at", str(SAVE_AT),
+    launch(1, common + ["--jobs", "ref,zero,engine,mem", "--tag", "z1", "--save_at", str(SAVE_AT)])
+    launch(2, common + ["--jobs", "zero,fsdp2,engine,resume,mem", "--tag", "z2", "--save_at", str(SAVE_AT),
                         "--checkpointing", "--resume", str(out / "z1_ckpt" / ckpt), "--resume_tag", "r12"])
     launch(1, common + ["--jobs", "resume", "--resume", str(out / "z2_ckpt" / ckpt), "--resume_tag", "r21"])
     return out
@@ -90,6 +91,41 @@ def test_two_processes_equal_one_plain_pytorch_process(runs):
 @pytest.mark.slow
 def test_two_processes_equal_fsdp2(runs):
     assert_close_weights(weights(runs, "z2"), weights(runs, "fsdp2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [1, 2])
+def test_fsdp2_engine_equals_zero3_engine(runs, ws):
+    """zero.FSDP2 driven through the engine interface (clip_grad_norm_, step(lr), zero_grad of a skipped step,
+    iter_full_params) trains like ZeRO3 on the same units, world sizes 1 and 2 (2: activation checkpointing on)."""
+    assert_close_weights(weights(runs, f"engine_ws{ws}"), weights(runs, f"z{ws}"))
+    assert_close_weights(weights(runs, f"engine_ws{ws}"), weights(runs, "ref"))
+    for got, want in zip(info(runs, f"engine_ws{ws}")["ranks"], info(runs, f"z{ws}")["ranks"]):
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+        assert got["grad_norms"] == pytest.approx(want["grad_norms"], rel=1e-5)
+        assert len(got["grad_norms"]) == STEPS and min(got["grad_norms"]) > zero_worker.CLIP  # clipping was active
+
+
+@pytest.mark.slow
+def test_fsdp2_engine_gathered_memory_and_refusals(runs):
+    final = weights(runs, "engine_ws2")
+    # gathered(): plain, whole tensors equal to the consolidated weights; a forward inside it equals a plain GPT
+    assert_close_weights(load_file(str(runs / "engine_ws2_gathered.safetensors")), final, rtol=0.0)
+    probe = load_file(str(runs / "engine_ws2_probe.safetensors"))
+    plain = GPT(zero_worker.config())
+    plain.load_state_dict(final)
+    with torch.no_grad():
+        logits, _ = plain(probe["probe"])
+    torch.testing.assert_close(probe["logits"], logits, rtol=1e-5, atol=1e-5)
+    one, two = info(runs, "engine_ws1")["ranks"], info(runs, "engine_ws2")["ranks"]
+    for rank in two:
+        assert rank["whole_param_types"] == ["Tensor"]  # not DTensor: really unsharded
+        assert "--sharding=zero3" in rank["refusal"]
+        for kind in ("params", "grads", "optimizer"):
+            assert rank["memory"][kind] <= 0.55 * one[0]["memory"][kind], kind
+        bf16 = rank["bf16"]  # dtype=bfloat16: fp32 sharded masters and gradient shards, bf16 compute
+        assert (bf16["masters"], bf16["grads"], bf16["gathered"]) == (["torch.float32"], ["torch.float32"],
+                                                                      ["torch.bfloat16"])
 
 
 @pytest.mark.slow

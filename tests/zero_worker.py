@@ -6,6 +6,7 @@ clipping, weight decay and frozen parameters, under one of
   resume zero.ZeRO3 resumed from --resume (a checkpoint written by any number of processes)
   mem    peak memory of ZeRO3 steps (PyTorch's MemTracker) beside zero.memory_plan
   fsdp2  torch.distributed.fsdp.fully_shard on the same units, torch.optim.AdamW
+  engine zero.FSDP2 (fully_shard behind ZeRO3's engine interface), driven exactly like the zero job
 and writes <out>/<tag>.safetensors (final weights, full) and <out>/<tag>.json (numbers). Launched with
 `python -m torch.distributed.run --nproc_per_node N tests/zero_worker.py ...` or plain python (one process).
 """
@@ -102,10 +103,10 @@ def run_zero(args, rank, world_size, tag, resume):
     first, extra = 0, None
     if resume:  # restores the RNG state too: the data stream continues where it stopped
         first, extra = zero.load_checkpoint(z, resume)
-    comm_per_step = []
+    comm_per_step, norms = [], []
 
     def clip_and_step():
-        z.clip_grad_norm_(CLIP)
+        norms.append(z.clip_grad_norm_(CLIP))
         z.step()
     losses = []
     for step in range(first, args.steps):
@@ -115,7 +116,7 @@ def run_zero(args, rank, world_size, tag, resume):
         if args.save_at and step + 1 == args.save_at and not resume:
             zero.save_checkpoint(z, os.path.join(args.out, f"{tag}_ckpt"), step + 1,
                                  extra={"data_position": step + 1, "rank": rank})
-    info = {"losses": losses, "comm_per_step": comm_per_step, "memory": z.memory_bytes(),
+    info = {"losses": losses, "grad_norms": norms, "comm_per_step": comm_per_step, "memory": z.memory_bytes(),
             "world_size": world_size, "full_params_held": full_params_held, "resumed_extra": extra,
             "layout": z.layout()}
     infos = [None] * world_size
@@ -139,6 +140,63 @@ def run_fsdp2(args, rank, world_size):
         opt.zero_grad()
     losses = train_steps(model, 0, args.steps, rank, world_size, clip_and_step)
     write(args.out, "fsdp2", rank, ((n, p.full_tensor()) for n, p in model.named_parameters()), {"losses": losses})
+
+
+def run_fsdp2_engine(args, rank, world_size):
+    """zero.FSDP2 driven like run_zero: clip_grad_norm_, step(lr), zero_grad, gathered, iter_full_params."""
+    model = build(args.init, meta=False)
+    engine = zero.FSDP2(model, list(model.model.layers), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                        checkpointing=args.checkpointing)
+    torch.manual_seed(args.seed)
+    norms = []
+
+    def clip_and_step():
+        norms.append(engine.clip_grad_norm_(CLIP))
+        engine.step(LR)
+    losses = train_steps(model, 0, args.steps - 1, rank, world_size, clip_and_step)
+    # a skipped step before the last one: its gradients must be dropped by zero_grad (else the last step differs);
+    # its data comes from a side branch of the RNG so the data stream stays the zero job's
+    rng = torch.get_rng_state()
+    train_steps(model, 0, 1, rank, world_size, engine.zero_grad)
+    torch.set_rng_state(rng)
+    losses += train_steps(model, args.steps - 1, args.steps, rank, world_size, clip_and_step)
+    probe = torch.randint(0, VOCAB, (2, SEQ))  # (B, T), same on every rank: the global RNG is in step
+    with torch.no_grad(), engine.gathered() as whole:
+        whole_params = {n: p.detach().clone() for n, p in whole.named_parameters()}
+        logits, _ = whole(probe)
+    try:
+        zero.save_checkpoint(engine, os.path.join(args.out, "fsdp2_ckpt"), 1)
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    info = {"losses": losses, "grad_norms": norms, "memory": engine.memory_bytes(), "refusal": refusal,
+            "whole_param_types": sorted({type(p).__name__ for p in whole_params.values()}),
+            "bf16": bf16_dtypes(args)}
+    infos = [None] * world_size
+    dist.all_gather_object(infos, info)
+    tag = f"engine_ws{world_size}"
+    full = dict(zero.iter_full_params(engine))
+    if rank == 0:
+        save_file({"probe": probe, "logits": logits.float().contiguous()},
+                  os.path.join(args.out, f"{tag}_probe.safetensors"))
+        save_file({n: t.float().contiguous() for n, t in whole_params.items()},
+                  os.path.join(args.out, f"{tag}_gathered.safetensors"))
+    write(args.out, tag, rank, full.items(), {"ranks": infos})
+
+
+def bf16_dtypes(args):
+    """Mixed precision: an FSDP2 engine with dtype=bfloat16 keeps fp32 sharded masters, computes in bf16."""
+    model = build(args.init, meta=False)
+    engine = zero.FSDP2(model, list(model.model.layers), dtype=torch.bfloat16, lr=LR)
+    idx = torch.randint(0, VOCAB, (1, SEQ))  # (B, T)
+    _, loss = model(idx, idx)
+    loss.backward()
+    grad_dtypes = sorted({str(p.grad.dtype) for p in engine.trainable_params()})
+    engine.step()
+    with torch.no_grad(), engine.gathered() as whole:
+        gathered = sorted({str(p.dtype) for p in whole.parameters()})
+    return {"masters": sorted({str(p.to_local().dtype) for p in model.parameters()}), "grads": grad_dtypes,
+            "gathered": gathered, "loss_dtype": str(loss.dtype)}
 
 
 def run_mem(args, rank, world_size):
@@ -174,7 +232,7 @@ def run_mem(args, rank, world_size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", required=True, help="comma list of ref, zero, fsdp2, resume, mem")
+    ap.add_argument("--jobs", required=True, help="comma list of ref, zero, fsdp2, engine, resume, mem")
     ap.add_argument("--init", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="zero")
@@ -197,6 +255,8 @@ def main():
             run_mem(args, rank, world_size)
         elif job == "fsdp2":
             run_fsdp2(args, rank, world_size)
+        elif job == "engine":
+            run_fsdp2_engine(args, rank, world_size)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
