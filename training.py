@@ -72,6 +72,7 @@ class TrainConfig:
     # precision and memory
     dtype: str = "bfloat16"      # compute dtype; master weights and optimizer state are fp32 (zero.py)
     activation_checkpointing: bool = False
+    sharding: str = "zero3"  # zero3 (zero.ZeRO3, ours) | fsdp2 (PyTorch's fully_shard: a reference, no checkpoints)
     # bookkeeping
     log_every: int = 1
     ckpt_every: int = 0          # steps between resumable checkpoints (0: only at the end)
@@ -381,13 +382,20 @@ def zero_units(model) -> list:
 
 
 def build_engine(cfg: TrainConfig, model, run: Run):
-    """ZeRO3 over `model` (trainability already set): fp32 masters and AdamW state, compute in run.dtype."""
+    """ZeRO3 (or, with --sharding=fsdp2, PyTorch's fully_shard as a reference) over `model` (trainability
+    already set): fp32 masters and AdamW state, compute in run.dtype."""
     import zero
+    if cfg.sharding not in ("zero3", "fsdp2"):
+        raise SystemExit(f"--sharding={cfg.sharding}: expected zero3 or fsdp2")
+    if cfg.sharding == "fsdp2" and (cfg.resume or cfg.ckpt_every > 0):
+        raise SystemExit("--sharding=fsdp2 is a reference path without checkpoints: use --ckpt_every=0 and no "
+                         "--resume, or --sharding=zero3")
     if cfg.router_aux_loss_coef >= 0:
         model.language_model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
-    return zero.ZeRO3(model, zero_units(model), dtype=run.dtype, device=run.device, lr=cfg.lr,
-                      betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                      checkpointing=cfg.activation_checkpointing)
+    engine_class = zero.FSDP2 if cfg.sharding == "fsdp2" else zero.ZeRO3
+    return engine_class(model, zero_units(model), dtype=run.dtype, device=run.device, lr=cfg.lr,
+                        betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                        checkpointing=cfg.activation_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -515,7 +515,7 @@ def test_whole_model_triton_equals_torch(monkeypatch, packed):
 # ------------------------------------------------------------------------------------------------ CE memory
 
 CE_MEMORY_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import kernels
@@ -527,13 +527,14 @@ x = torch.randn(n_tokens, dim, generator=g).requires_grad_()
 weight = (torch.randn(V, dim, generator=g) * 0.02).requires_grad_()
 targets = torch.randint(0, V, (n_tokens,), generator=g)
 fn = kernels.linear_cross_entropy_torch if path == "plain" else kernels.linear_cross_entropy_chunked
-def rss_kib():
+def status_kib(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-before = rss_kib()
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+before = status_kib("VmRSS")
 loss = fn(x, weight, targets)
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so it would report the (large) pytest parent
+peak = status_kib("VmHWM")
 print(json.dumps({"path": path, "loss": loss.item(), "peak_over_inputs_mib": (peak - before) / 1024}))
 """
 
