@@ -862,22 +862,6 @@ def predict(model, is_multimodal, encoder, items, batch_size, max_new_tokens, on
 # torchrun: items dealt over ranks, records gathered on rank 0 as JSON bytes
 
 
-def init_distributed():
-    """(rank, world_size, device) from torchrun's environment; a process group only when world_size > 1."""
-    import torch
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    else:
-        device = "cpu"
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
 def all_gather_json(obj, world, device="cpu"):
     """Every rank's JSON-serialisable `obj`, in rank order (bytes through all_gather: no pickle)."""
     if world == 1:
@@ -958,8 +942,9 @@ def main(argv=None):
     if args.rescore:
         return rescore_main(args)
     import torch
-    rank, world, device = init_distributed()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
+    import zero  # the process group (one process without torchrun)
+    rank, _, world, device = zero.init_distributed()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda"
                                                            else torch.float32)
     out_dir = Path(args.out_dir)
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
