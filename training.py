@@ -713,9 +713,15 @@ def demo_report(root: str) -> str:
                          f"{100 * base['accuracy']:.1f}% ('{base['majority_train_answer']}') |")
     accuracy = sum(r["correct"] for r in records) / len(records)
     baseline = stats["majority_baseline_demo_vqa"]
+    with open(os.path.join(root, "eval", "results.json")) as f:
+        low, high = json.load(f)["benchmarks"]["demo_vqa"]["ci95"]  # eval.py's bootstrap interval, in percent
     verdict = "beats" if accuracy > baseline else "does NOT beat"
-    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** | {100 * baseline:.1f}% |", "",
-              f"The trained model {verdict} the majority-answer baseline on held-out images."]
+    # say whether the margin is more than resampling noise: the baseline inside the interval means it is not
+    margin = ("clearly (the baseline is below the 95% interval)" if 100 * baseline < low else
+              "but within noise (the baseline is inside the 95% interval)" if accuracy > baseline else "")
+    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
+              f"{100 * baseline:.1f}% |", "",
+              f"The trained model {verdict} the majority-answer baseline on held-out images {margin}".rstrip() + "."]
     return "\n".join(lines)
 
 
