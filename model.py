@@ -495,29 +495,9 @@ class GPT(nn.Module):
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
         """Write config.json and dense safetensors shards (with an index when there are several) that transformers'
         GptOssForCausalLM.from_pretrained loads. dtype: None keeps the parameters' dtype."""
-        from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         self.config.to_json(os.path.join(path, "config.json"))
-        shards, size = [[]], 0
-        for name, p in self.state_dict().items():  # plan shards by size first: file names need the shard count
-            nbytes = p.numel() * (dtype or p.dtype).itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        state = self.state_dict()
-        weight_map, total = {}, 0
-        for i, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: state[n].detach().to(dtype or state[n].dtype).contiguous().cpu() for n in names}
-            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
-            total += sum(t.numel() * t.itemsize for t in tensors.values())
-            weight_map.update({n: fname for n in names})
-            del tensors
-        if len(shards) > 1:
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_safetensors(self.state_dict().items(), path, max_shard_bytes, dtype)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -610,6 +590,42 @@ def mxfp4_dequantize(blocks, scales, dtype=torch.float32):
     values = F.embedding(blocks.long(), byte_to_pair).flatten(-2)  # (..., G, 16, 2) -> (..., G, 32)
     values = values * F.embedding(scales.long(), scale_of[:, None])  # (..., G, 32) * (..., G, 1)
     return values.flatten(-2).to(dtype)  # (..., G * 32)
+
+
+def write_safetensors(named_tensors, path, max_shard_bytes=5 * 2**30, dtype=None):
+    """Write (name, tensor) pairs in the Hugging Face layout: one `model.safetensors`, or shards
+    `model-0000i-of-0000n.safetensors` of at most max_shard_bytes plus `model.safetensors.index.json`.
+    Streams: holds one shard's tensors at a time (shards get temporary names until their count is known), so
+    zero.py can feed it one gathered parameter at a time. dtype: None keeps each tensor's dtype."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    parts, shard, shard_bytes, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        tmp_name = f"part-{len(parts):05d}.safetensors.tmp"
+        save_file(shard, os.path.join(path, tmp_name), metadata={"format": "pt"})
+        parts.append((tmp_name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
+        nbytes = tensor.numel() * tensor.itemsize
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        shard_bytes, total = shard_bytes + nbytes, total + nbytes
+    if shard or not parts:
+        flush()
+    weight_map = {}
+    for i, (tmp_name, names) in enumerate(parts):
+        final = "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(os.path.join(path, tmp_name), os.path.join(path, final))
+        weight_map.update({n: final for n in names})
+    if len(parts) > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return weight_map
 
 
 def checkpoint_files(path):
@@ -933,31 +949,11 @@ class MedGPT(nn.Module):
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
         """config.json + safetensors in llava-hf's layout, split into shards of at most max_shard_bytes (with a
         model.safetensors.index.json when there are several). dtype: None keeps the parameters' dtype."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        state = {to_checkpoint_name(name, "llava-hf"): t for name, t in self.state_dict().items()}
-        shards, size = [[]], 0
-        for name, tensor in state.items():
-            nbytes = tensor.numel() * (dtype or tensor.dtype).itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        weight_map, total = {}, 0
-        for i, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: state[n].detach().to(dtype or state[n].dtype).contiguous().cpu() for n in names}
-            save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
-            total += sum(t.numel() * t.itemsize for t in tensors.values())
-            weight_map.update({n: fname for n in names})
-            del tensors
-        if len(shards) > 1:
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        first = next(iter(state.values()))
+        state = self.state_dict()
+        write_safetensors(((to_checkpoint_name(name, "llava-hf"), t) for name, t in state.items()), path,
+                          max_shard_bytes, dtype)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(dtype or first.dtype), f, indent=2)
+            json.dump(self.config.to_dict(dtype or next(iter(state.values())).dtype), f, indent=2)
 
 
 @torch.no_grad()

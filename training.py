@@ -603,7 +603,7 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
     """The trained model to <out_dir>/final in llava-hf's LLaVA layout (what MedGPT.from_pretrained and
     transformers read), streamed one ZeRO3 buffer at a time: no process ever holds the whole model."""
     import zero
-    from model import to_checkpoint_name
+    from model import to_checkpoint_name, write_safetensors
     path = os.path.join(cfg.out_dir, "final")
     params = zero.iter_full_params(engine, dtype=run.dtype)  # a collective: every rank iterates to the end
     if not run.is_main:
@@ -612,7 +612,7 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
         barrier()
         return path
     os.makedirs(path, exist_ok=True)
-    zero.save_safetensors_streaming(params, path, rename=lambda n: to_checkpoint_name(n, "llava-hf"))
+    write_safetensors(((to_checkpoint_name(n, "llava-hf"), p) for n, p in params), path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_dict(run.dtype), f, indent=2)
     if tokenizer is not None:

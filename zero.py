@@ -753,42 +753,6 @@ def iter_full_params(zero, dtype=torch.float32):
             del full
 
 
-def save_safetensors_streaming(named_tensors, out_dir, max_shard_bytes=2 * 2**30, rename=None, dtype=None):
-    """Write (name, tensor) pairs into `model-0000i-of-0000n.safetensors` files of at most max_shard_bytes plus
-    `model.safetensors.index.json` (Hugging Face layout), holding one file's worth of tensors at a time."""
-    os.makedirs(out_dir, exist_ok=True)
-    weight_map, files, batch, batch_bytes = {}, [], {}, 0
-
-    def flush():
-        nonlocal batch, batch_bytes
-        fname = f"part-{len(files):05d}.safetensors"
-        save_file(batch, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        files.append((fname, list(batch)))
-        batch, batch_bytes = {}, 0
-
-    for name, t in named_tensors:
-        t = t if dtype is None else t.to(dtype)
-        if batch and batch_bytes + _nbytes(t) > max_shard_bytes:
-            flush()
-        batch[rename(name) if rename else name] = t.contiguous()
-        batch_bytes += _nbytes(t)
-    if batch:
-        flush()
-    total = 0
-    for i, (fname, names) in enumerate(files):
-        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        os.replace(os.path.join(out_dir, fname), os.path.join(out_dir, final))
-        total += os.path.getsize(os.path.join(out_dir, final))
-        weight_map.update({n: final for n in names})
-    _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return out_dir
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The reference: PyTorch's FSDP2 on the same model
-
-
 def adamw_param_groups(model, weight_decay, decay=default_decay):
     """torch.optim.AdamW parameter groups with the same decay rule as ZeRO3 (trainable parameters only)."""
     module_of = {n + ("." if n else "") + pn: m for n, m in model.named_modules()

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import zero  # noqa: E402
 import zero_worker  # noqa: E402
-from model import GPT, GPTConfig, param_counts  # noqa: E402
+from model import GPT, GPTConfig, param_counts, write_safetensors  # noqa: E402
 
 WORKER = os.path.join(ROOT, "tests", "zero_worker.py")
 STEPS, SAVE_AT = 4, 2
@@ -181,7 +181,7 @@ def test_consolidation_streams_the_same_tensors(runs, tmp_path):
     assert_close_weights(two, one)
     # stream the 2-process checkpoint into a Hugging Face directory and load it with model.py's loader
     out = tmp_path / "hf"
-    zero.save_safetensors_streaming(zero.iter_checkpoint_params(str(ckpt2)), str(out), max_shard_bytes=1 << 20)
+    write_safetensors(zero.iter_checkpoint_params(str(ckpt2)), str(out), max_shard_bytes=1 << 20)
     zero_worker.config().to_json(str(out / "config.json"))
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
     model = GPT.from_pretrained(str(out), dtype=torch.float32)
