@@ -105,6 +105,8 @@ def bench_lm(a):
             if r:
                 times[("train", k)].append(idx.numel() / (t1 - t0))
                 times[("decode", k)].append(a["decode_batch"] * a["new_tokens"] / (t2 - t1))
+    bound = {what: lm_matmul_bound(what, hf, opts["transformers"], idx, targets, prompt, a, clock)
+             for what in ("train", "decode")}
     mem = {k: lm_peak_memory(a, k) for k in models}
     print(f"lm bench: {a['layers']} layers, hidden {a['hidden']}, {a['experts']} experts (top {a['top_k']}), "
           f"vocab {a['vocab']}, fp32 CPU, {torch.get_num_threads()} threads, {a['clock']} clock; medians of "
@@ -119,13 +121,40 @@ def bench_lm(a):
         print(f"{unit:40s} ours {med['ours']:9.1f}  transformers {med['transformers']:9.1f}  ratio {ratio:5.2f}x"
               f"   (ranges: ours {spread['ours'][0]:.0f}-{spread['ours'][1]:.0f}, "
               f"transformers {spread['transformers'][0]:.0f}-{spread['transformers'][1]:.0f})")
-        result[what] = {"ours": med["ours"], "transformers": med["transformers"], "ratio": ratio}
+        result[what] = {"ours": med["ours"], "transformers": med["transformers"], "ratio": ratio,
+                        "max_ratio_same_matmuls": bound[what]}
+    print(f"bound: transformers spends {100 / bound['train']:.0f}% (train) and {100 / bound['decode']:.0f}% (decode) "
+          f"of its time in matrix products (mm/addmm/bmm); an implementation doing the same products at the same "
+          f"speed and nothing else would reach at most {bound['train']:.2f}x (train) and {bound['decode']:.2f}x "
+          f"(decode)")
     for k in models:
         print(f"peak RSS increase, {k:12s}: train step {mem[k]['train_mib']:8.1f} MiB, "
               f"decode {mem[k]['decode_mib']:8.1f} MiB (model {mem[k]['model_mib']:.1f} MiB)")
     result["memory_mib"] = mem
     print(json.dumps(result))
     return result
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::addmm_")
+
+
+def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
+    """How fast could any implementation of the same math be? transformers' time for one training step (or one
+    greedy decode) divided by the time its matrix products alone take (profiler self time, median of 3). Both
+    implementations do the same products (same FLOPs, fp32), so this is the ratio to beat with zero overhead."""
+    from torch.profiler import profile
+    ratios = []
+    for _ in range(3):
+        hf.train() if what == "train" else hf.eval()
+        t0 = clock()
+        lm_train_step("hf", hf, opt, idx, targets) if what == "train" else lm_decode("hf", hf, prompt, a["new_tokens"])
+        total = clock() - t0
+        with profile() as prof:
+            lm_train_step("hf", hf, opt, idx, targets) if what == "train" else lm_decode("hf", hf, prompt,
+                                                                                          a["new_tokens"])
+        matmul_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS)
+        ratios.append(total / (matmul_us * 1e-6))
+    return statistics.median(ratios)
 
 
 def lm_peak_memory(a, impl):

@@ -40,6 +40,10 @@ Triton path (forward and backward, each an autograd.Function)
   dtype (fp32 too) and in the interpreter on CPU; gpu_check.py times torch._grouped_mm beside it.
 - The interpreter's tl.dot is wrong on bf16 operands, so when interpreting the kernels upcast to fp32
   before every dot (DOT_F32).
+- What the interpreter hides (it runs programs one at a time, with exact fp32 dots): no two programs write one
+  output and nothing uses atomics (partial sums are per program, reduced by torch), so results do not depend on
+  execution order; offsets are int64 wherever they can pass 2^31 elements (the grouped GEMM's offsets inside
+  one expert's W stay int32, and a W too large for them is refused); shapes past CUDA's grid limits are refused.
 - fp32 dots: MEDGPT_DOT_PRECISION=tf32 (default: tensor cores, ~1e-3 relative error) or ieee (full fp32, slow;
   what gpu_check.py uses to compare the whole model with the torch path), passed to every tl.dot as the
   constexpr PRECISION. Each value compiles its own kernel variant; bf16 operands ignore it.
@@ -229,16 +233,17 @@ def apply_rope_torch(x, cos, sin):
 def _rope_kernel(X, Cos, Sin, Y, T, H, sx_b, sx_t, sx_h, sc_b, sc_t, HALF,
                  SIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """One program per (b, t): all heads of one token. SIGN = -1 applies the inverse rotation (backward)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # every offset in int64: strides of views can pass 2^31 elements
     b = pid // T
     t = pid % T
-    heads = tl.arange(0, BLOCK_H)
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(Cos + b * sc_b + t * sc_t + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-    sin = SIGN * tl.load(Sin + b * sc_b + t * sc_t + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    table = b * sc_b + t * sc_t + cols
+    cos = tl.load(Cos + table, mask=cols < HALF, other=0.0).to(tl.float32)
+    sin = SIGN * tl.load(Sin + table, mask=cols < HALF, other=0.0).to(tl.float32)
     mask = (heads[:, None] < H) & (cols[None, :] < HALF)
-    x_ptrs = X + b.to(tl.int64) * sx_b + t.to(tl.int64) * sx_t + heads[:, None] * sx_h + cols[None, :]
-    y_ptrs = Y + pid.to(tl.int64) * H * 2 * HALF + heads[:, None] * 2 * HALF + cols[None, :]
+    x_ptrs = X + b * sx_b + t * sx_t + heads[:, None] * sx_h + cols[None, :]
+    y_ptrs = Y + pid * H * 2 * HALF + heads[:, None] * 2 * HALF + cols[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_H, BLOCK_HALF) first halves
     x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)  # second halves
     tl.store(y_ptrs, (x1 * cos[None, :] - x2 * sin[None, :]).to(Y.dtype.element_ty), mask=mask)
@@ -522,6 +527,9 @@ def _attn_config(fma=False):
     return (64, 32, 32, 32, 4) if fma else (128, 64, 64, 64, 4)
 
 
+CUDA_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes (the first allows 2^31 - 1)
+
+
 class _AttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, sm_scale, window, doc_ids):
@@ -595,6 +603,9 @@ def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=No
             raise ValueError(f"attention: {Hq} query heads are not a multiple of {k.shape[2]} key/value heads")
         if doc_ids is not None and doc_ids.shape != (B, T):
             raise ValueError(f"attention: doc_ids has shape {tuple(doc_ids.shape)}, expected {(B, T)}")
+        if B * Hq > CUDA_MAX_GRID_Y:  # the kernels' second grid axis is (batch, head); CUDA caps it
+            raise ValueError(f"attention: batch {B} x {Hq} query heads = {B * Hq} programs on the grid's second "
+                             f"axis, over CUDA's limit of {CUDA_MAX_GRID_Y}; split the batch")
         sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
         return _AttentionTriton.apply(q, k, v, sinks, sm_scale, int(window), doc_ids)
     if q.shape[1] == 1 and doc_ids is None and q.shape[2] % k.shape[2] == 0:
@@ -831,6 +842,12 @@ def _moe_plan(flat_expert, n_experts, block_m):
 
 def _grouped_mm(a, w, bias, out, plan, K_in, N_out, w_strides, dot_mode):
     offsets, tile_expert, tile_row = plan
+    # the kernel offsets within one expert's W in int32 (row and expert offsets are int64): fine up to 2^31
+    # elements per expert (GPT-oss-120B: 2880 x 5760 = 16.6M)
+    if (K_in - 1) * abs(w_strides[1]) + (N_out - 1) * abs(w_strides[2]) >= 2**31:
+        raise ValueError(f"moe_experts: one expert's weight {K_in} x {N_out} with strides {tuple(w_strides[1:])} "
+                         "spans 2^31 elements or more, past the grouped GEMM's int32 offsets; make it contiguous "
+                         "or split the expert")
     precision, fma = dot_mode
     (bm, bn, bk, warps), _ = _grouped_mm_config(fma)
     grid = (tile_expert.numel(), triton.cdiv(N_out, bn))
@@ -845,6 +862,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, w, bias, offsets, tile_expert, tile_row):
         a = a.contiguous()
+        bias = bias.contiguous() if bias is not None else None  # the kernel reads row e at e * N_out
         E, K_in, N_out = w.shape
         out = torch.empty(a.shape[0], N_out, device=a.device, dtype=a.dtype)
         plan = (offsets, tile_expert, tile_row)

@@ -688,18 +688,22 @@ def _copy_mxfp4(param, blocks_file, scales_file, name):
 def load_checkpoint(model, path):
     """Fill every parameter of `model` from the safetensors checkpoint at `path`; clear errors for missing,
     unexpected or misshapen tensors."""
-    name_to_file = checkpoint_files(path)
-    params = dict(model.named_parameters())
+    _fill_params(dict(model.named_parameters()), checkpoint_files(path), path,
+                 "Check num_hidden_layers, num_local_experts and the file list of the index.")
+
+
+def _fill_params(params, name_to_file, path, hint, ignored=()):
+    """params: checkpoint tensor name -> parameter. Checks every name first (fail before reading gigabytes: a
+    missing or unexpected tensor, `ignored` suffixes aside), then streams each tensor in, dense or MXFP4."""
     is_mxfp4 = {n: n not in name_to_file and n + "_blocks" in name_to_file and n + "_scales" in name_to_file
                 for n in params}
     missing = [n for n in params if n not in name_to_file and not is_mxfp4[n]]
-    expected = set(params) | {n + s for n in params for s in ("_blocks", "_scales")}
-    unexpected = sorted(set(name_to_file) - expected)
-    if missing or unexpected:  # fail before reading gigabytes
+    expected = set(params) | {n + s for n in params if is_mxfp4[n] for s in ("_blocks", "_scales")}
+    unexpected = sorted(n for n in set(name_to_file) - expected if not n.endswith(tuple(ignored)))
+    if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). Check num_hidden_layers, "
-                         f"num_local_experts and the file list of the index.")
+                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). {hint}")
     for name, param in params.items():
         if is_mxfp4[name]:
             _copy_mxfp4(param, name_to_file[name + "_blocks"], name_to_file[name + "_scales"], name)
@@ -721,6 +725,9 @@ def load_checkpoint(model, path):
 #   that read LLaVA checkpoints load it. from_pretrained also reads transformers 5's own layouts.
 # - Loading streams tensor by tensor into meta-allocated parameters (GPT's _copy_rows / _copy_mxfp4), so a
 #   LLaVA directory with MXFP4 experts loads without ever holding two copies of the model.
+# - The stages' sharded start (training.build_model: meta device + zero.SafetensorsReader) needs configs and names
+#   without weights: MedGPTConfig.from_parts, clip_vision_config, llava_layout, and new_projector (from_parts' own
+#   seeded projector init, so both starts give the same values).
 
 import vision as vision_lib  # noqa: E402  (the composite's section of this file starts here)
 
@@ -796,6 +803,44 @@ class MedGPTConfig:
     def tokens_per_tile(self):
         return self.vision.tokens_per_tile + (1 if self.vision_feature_select_strategy == "full" else 0)
 
+    @classmethod
+    def from_parts(cls, lm_path, clip_path, **llava_fields):
+        """The config MedGPT.from_parts builds, from the two directories' config.json alone (no weights read):
+        the meta-device start of stage 1 (training.build_model)."""
+        config = cls(text=GPTConfig.from_json(lm_path), vision=clip_vision_config(clip_path)[0], **llava_fields)
+        config.validate(f"MedGPT.from_parts({lm_path!r}, {clip_path!r})")
+        return config
+
+
+def clip_vision_config(clip_path):
+    """(CLIPVisionConfig, candidate checkpoint prefixes of its tensors) of a CLIPModel, CLIPVisionModel or LLaVA
+    directory, from its config.json as vision.CLIPVision.from_pretrained reads it, without reading weights."""
+    config_path = os.path.join(clip_path, "config.json")
+    hf_config = vision_lib.read_json(config_path)
+    model_type = hf_config.get("model_type")
+    if model_type not in vision_lib.VISION_PREFIXES:
+        raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' or 'llava'")
+    if model_type == "clip_vision_model":
+        tower = hf_config
+    elif model_type == "llava" and hf_config.get("vision_config") is None:
+        tower = vision_lib.CLIPVisionConfig().to_hf()  # LlavaConfig's default vision tower: ViT-L/14-336
+    else:
+        tower = hf_config.get("vision_config") or {}
+    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"{config_path}: vision_config.model_type is {tower.get('model_type')!r}; "
+                         f"only 'clip_vision_model' is supported")
+    return vision_lib.CLIPVisionConfig.from_hf(tower, config_path), vision_lib.VISION_PREFIXES[model_type]
+
+
+def new_projector(config, seed, dtype=torch.float32, device="cpu"):
+    """A freshly initialised projector (PyTorch's default Linear init, as LLaVA's) from `seed`, without disturbing
+    the caller's RNG stream: the same values on every rank, in MedGPT.from_parts and in the meta-device start."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = vision_lib.Projector(config.vision.hidden_size * config.n_feature_layers, config.text.hidden_size,
+                                         act=config.projector_hidden_act, bias=config.multimodal_projector_bias)
+    return projector.to(device=device, dtype=dtype)
+
 
 # (our prefix, checkpoint prefix) pairs; the first layout whose vision probe exists is used for every tensor.
 LLAVA_LAYOUTS = {
@@ -816,6 +861,16 @@ def to_checkpoint_name(name, layout):
         if name.startswith(ours):
             return theirs + name[len(ours):]
     raise KeyError(f"parameter {name} has no place in the LLaVA layout {layout}")
+
+
+def llava_layout(checkpoint_names, path):
+    """The LLAVA_LAYOUTS entry whose vision probe is among a checkpoint's tensor names."""
+    probe = "vision_tower.embeddings.patch_embedding.weight"
+    layout = next((name for name in LLAVA_LAYOUTS if to_checkpoint_name(probe, name) in checkpoint_names), None)
+    if layout is None:
+        raise ValueError(f"{path}: no vision tower found: expected vision_tower.vision_model.*, vision_tower.* or "
+                         f"model.vision_tower.* tensors (is this a LLaVA checkpoint?)")
+    return layout
 
 
 class MedGPT(nn.Module):
@@ -914,21 +969,15 @@ class MedGPT(nn.Module):
         """Stage-1 initialisation: a released gpt-oss directory, a released CLIP directory (CLIPModel: its
         vision_model.*; a CLIPVisionModel or LLaVA directory works too), and a projector freshly initialised
         (PyTorch's default Linear init, as LLaVA's) from `seed`."""
-        language_model = GPT.from_pretrained(lm_path, dtype=dtype, device=device)
-        vision_tower = vision_lib.CLIPVision.from_pretrained(clip_path, dtype=dtype, device=device)
-        config = MedGPTConfig(text=language_model.config, vision=vision_tower.config,
-                              image_token_index=image_token_index, vision_feature_layer=vision_feature_layer,
-                              vision_feature_select_strategy=vision_feature_select_strategy,
-                              projector_hidden_act=projector_hidden_act)
-        config.validate(f"MedGPT.from_parts({lm_path!r}, {clip_path!r})")
+        config = MedGPTConfig.from_parts(lm_path, clip_path, image_token_index=image_token_index,
+                                         vision_feature_layer=vision_feature_layer,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         projector_hidden_act=projector_hidden_act)
         with torch.device("meta"):
             model = cls(config)
-        model.vision_tower, model.language_model = vision_tower, language_model
-        with torch.random.fork_rng(devices=[]):  # seeded, without disturbing the caller's RNG stream
-            torch.manual_seed(seed)
-            model.multi_modal_projector = vision_lib.Projector(
-                config.vision.hidden_size * config.n_feature_layers, config.text.hidden_size,
-                act=projector_hidden_act).to(device=device, dtype=dtype)
+        model.language_model = GPT.from_pretrained(lm_path, dtype=dtype, device=device)
+        model.vision_tower = vision_lib.CLIPVision.from_pretrained(clip_path, dtype=dtype, device=device)
+        model.multi_modal_projector = new_projector(config, seed, dtype, device)
         return model
 
     @classmethod
@@ -960,23 +1009,7 @@ class MedGPT(nn.Module):
 def load_llava_checkpoint(model, path):
     """Fill every parameter of a MedGPT from a LLaVA directory, in whichever LLAVA_LAYOUTS it is written."""
     name_to_file = checkpoint_files(path)
-    layout = next((name for name, pairs in LLAVA_LAYOUTS.items()
-                   if to_checkpoint_name("vision_tower.embeddings.patch_embedding.weight", name) in name_to_file), None)
-    if layout is None:
-        raise ValueError(f"{path}: no vision tower found: expected vision_tower.vision_model.*, vision_tower.* or "
-                         f"model.vision_tower.* tensors (is this a LLaVA checkpoint?)")
+    layout = llava_layout(name_to_file, path)
     params = {to_checkpoint_name(name, layout): p for name, p in model.named_parameters()}
-    is_mxfp4 = {n: n not in name_to_file and n + "_blocks" in name_to_file and n + "_scales" in name_to_file
-                for n in params}
-    missing = [n for n in params if n not in name_to_file and not is_mxfp4[n]]
-    expected = set(params) | {n + s for n in params if is_mxfp4[n] for s in ("_blocks", "_scales")}
-    unexpected = sorted(n for n in set(name_to_file) - expected if not n.endswith(IGNORED_CHECKPOINT_KEYS))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint ({layout} layout) does not match config.json: missing tensors "
-                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors "
-                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-    for name, param in params.items():
-        if is_mxfp4[name]:
-            _copy_mxfp4(param, name_to_file[name + "_blocks"], name_to_file[name + "_scales"], name)
-        else:
-            _copy_rows(param, name_to_file[name], name)
+    _fill_params(params, name_to_file, path, f"(The directory is in the {layout} LLaVA layout.)",
+                 ignored=IGNORED_CHECKPOINT_KEYS)

@@ -7,22 +7,17 @@ model are frozen, so the projector learns to turn image features into something 
     python train_stage1.py --preset=tiny --data=out/demo/data/stage1.json --out_dir=out/demo/stage1
 
 Design choices
-- The model starts from the released parts (`MedGPT.from_parts`): gpt-oss weights, CLIP's vision tower and a
-  freshly initialised projector. `--init_from=scratch` builds a random model of `--arch` instead (the demo).
+- The model starts from the released parts (what `MedGPT.from_parts` loads): gpt-oss weights, CLIP's vision
+  tower and a freshly initialised projector, built on the meta device: each rank reads only its ZeRO-3 shard of
+  the weights (training.build_model). `--init_from=scratch` builds a random model of `--arch` instead (the demo).
 - Data: image-caption pairs, LLaVA's "plain" template (image tokens, caption, <|endoftext|>), loss on the caption.
   Short context (4096): a caption and one image's 576 tokens fit many times over.
 - Recipe (LLaVA-Med's alignment): lr 2e-3, global batch 128, warm-up 3%, cosine, no weight decay.
 - Everything else (the step loop, logging, checkpoints, ZeRO-3) is training.py's and zero.py's.
 """
-import json
 import sys
 
-import torch
-
 import training
-from data.datasets import ImageTokens, load_dataset
-from data.tokenizer import load_tokenizer
-from model import MedGPT
 
 STAGE = 1
 PRESETS = {
@@ -42,46 +37,10 @@ PRESETS = {
 }
 
 
-def init_model(cfg: training.TrainConfig) -> MedGPT:
-    """The stage-1 starting point: released parts, or a random model of cfg.arch (same seed on every rank)."""
-    if cfg.init_from == "parts":
-        if not cfg.lm_path or not cfg.clip_path:
-            raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and "
-                             "--clip_path=<CLIP dir> (or --preset=tiny to try it on a CPU)")
-        return MedGPT.from_parts(cfg.lm_path, cfg.clip_path, dtype=torch.float32, seed=cfg.seed)
-    if cfg.init_from == "scratch":
-        return MedGPT(training.arch_config(cfg.arch))
-    raise SystemExit(f"--init_from={cfg.init_from}: stage 1 starts from 'parts' (--lm_path, --clip_path) or 'scratch'")
-
-
 def main(argv):
     cfg = training.stage_config(PRESETS, argv)
-    run = training.setup(cfg)
-    if cfg.dry_run:
-        print(json.dumps(training.dry_run(cfg, STAGE, run.world_size)))
-        return
-
-    model = init_model(cfg)
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
-    training.freeze_unused(model)
-    tok = load_tokenizer(cfg.lm_path if cfg.init_from == "parts" and training.has_tokenizer(cfg.lm_path) else None)
-    vision_cfg = model.config.vision
-    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
-                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
-    dataset = load_dataset(cfg.data, STAGE, tok, image_tokens)
-
-    fm = training.flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
-    engine = training.build_engine(cfg, model, run)
-
-    def loader_for(seq_len, rows, phase):
-        return training.make_loader(cfg, dataset, run, seq_len, rows, phase, packing=False,
-                                    image_size=vision_cfg.image_size)
-
-    training.train(cfg, "stage1", model, engine, loader_for, run, fm)
-    path = training.save_final(engine, model, cfg, run, tok)
-    if run.is_main:
-        print(f"stage1: final model in {path}", flush=True)
-    training.shutdown()
+    # one image-caption pair per row, padded (LLaVA's alignment batching)
+    training.run_stage(cfg, STAGE, packing=False)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ mixture of long multimodal documents and biomedical text, with the context growi
     python train_stage2.py --preset=tiny --init_from=out/demo/stage1/final --data=out/demo/data/stage2.json
 
 Design choices
-- Starts from stage 1's final model (LLaVA format, `MedGPT.from_pretrained`).
+- Starts from stage 1's final model (LLaVA format), built on the meta device: each rank reads only its
+  ZeRO-3 shard of the weights (training.build_model; --sharded_init=false loads it whole, as from_pretrained).
 - Packing: documents share rows of seq_len tokens; attention stays inside each document (doc_ids) and positions
   restart per document (position_ids), so packing changes the speed, not the maths (data/packing.py).
 - Context-length schedule (`--seq_len_schedule`): short rows first, then longer, up to 131072 (gpt-oss's YaRN
@@ -15,15 +16,9 @@ Design choices
 - Recipe: lr 2e-5 (LLaVA-Med's full-tuning rate), warm-up 3%, cosine to 10%, weight decay 0.1 and beta2 0.95
   (language-model pre-training practice: mid-training continues the LM's pre-training).
 """
-import json
 import sys
 
-import torch
-
 import training
-from data.datasets import ImageTokens, load_dataset
-from data.tokenizer import load_tokenizer
-from model import MedGPT
 
 STAGE = 2
 PRESETS = {
@@ -45,32 +40,8 @@ PRESETS = {
 
 def main(argv):
     cfg = training.stage_config(PRESETS, argv)
-    run = training.setup(cfg)
-    if cfg.dry_run:
-        print(json.dumps(training.dry_run(cfg, STAGE, run.world_size)))
-        return
-
-    model = MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32)  # fp32: ZeRO3 casts to cfg.dtype
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
-    training.freeze_unused(model)
-    tok = load_tokenizer(cfg.init_from if training.has_tokenizer(cfg.init_from) else None)
-    vision_cfg = model.config.vision
-    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
-                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
-    dataset = load_dataset(cfg.data, STAGE, tok, image_tokens)
-
-    fm = training.flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
-    engine = training.build_engine(cfg, model, run)
-
-    def loader_for(seq_len, rows, phase):
-        return training.make_loader(cfg, dataset, run, seq_len, rows, phase, packing=True,
-                                    image_size=vision_cfg.image_size)
-
-    training.train(cfg, "stage2", model, engine, loader_for, run, fm)
-    path = training.save_final(engine, model, cfg, run, tok)
-    if run.is_main:
-        print(f"stage2: final model in {path}", flush=True)
-    training.shutdown()
+    # documents packed into full rows; attention stays inside each document (doc_ids)
+    training.run_stage(cfg, STAGE, packing=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ instructions rendered as harmony chats; the loss is on the assistant's output on
     python train_stage3.py --preset=tiny --init_from=out/demo/stage2/final --data=out/demo/data/stage3.json
 
 Design choices
-- Starts from stage 2's final model (LLaVA format, `MedGPT.from_pretrained`).
+- Starts from stage 2's final model (LLaVA format), built on the meta device: each rank reads only its
+  ZeRO-3 shard of the weights (training.build_model; --sharded_init=false loads it whole, as from_pretrained).
 - Data: LLaVA-layout conversations rendered in harmony (data/harmony.py): user turns, assistant answers in the
   final channel (an optional "thinking" in the analysis channel), `<|return|>` after the last answer. Targets
   are -100 everywhere but the assistant's output, so the model learns to answer, not to ask.
@@ -16,15 +17,9 @@ Design choices
 - Recipe (LLaVA-Med's instruction tuning): lr 2e-5, global batch 128, warm-up 3%, cosine, no weight decay,
   3 epochs; context 8192, enough for several images and a long answer.
 """
-import json
 import sys
 
-import torch
-
 import training
-from data.datasets import ImageTokens, load_dataset
-from data.tokenizer import load_tokenizer
-from model import MedGPT
 
 STAGE = 3
 PRESETS = {
@@ -45,32 +40,8 @@ PRESETS = {
 
 def main(argv):
     cfg = training.stage_config(PRESETS, argv)
-    run = training.setup(cfg)
-    if cfg.dry_run:
-        print(json.dumps(training.dry_run(cfg, STAGE, run.world_size)))
-        return
-
-    model = MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32)  # fp32: ZeRO3 casts to cfg.dtype
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
-    training.freeze_unused(model)
-    tok = load_tokenizer(cfg.init_from if training.has_tokenizer(cfg.init_from) else None)
-    vision_cfg = model.config.vision
-    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
-                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
-    dataset = load_dataset(cfg.data, STAGE, tok, image_tokens, system_prompt=cfg.system_prompt or None)
-
-    fm = training.flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
-    engine = training.build_engine(cfg, model, run)
-
-    def loader_for(seq_len, rows, phase):
-        return training.make_loader(cfg, dataset, run, seq_len, rows, phase, packing=False,
-                                    image_size=vision_cfg.image_size)
-
-    training.train(cfg, "stage3", model, engine, loader_for, run, fm)
-    path = training.save_final(engine, model, cfg, run, tok)
-    if run.is_main:
-        print(f"stage3: final model in {path}", flush=True)
-    training.shutdown()
+    # one conversation per row, padded: global_batch counts conversations, as LLaVA-Med's 128 does
+    training.run_stage(cfg, STAGE, packing=False)
 
 
 if __name__ == "__main__":

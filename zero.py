@@ -542,6 +542,41 @@ class SafetensorsReader:
             return self._read_mxfp4(key, start, end)
         raise KeyError(f"{self.path}: no tensor {key!r} (for parameter {name!r}) and no MXFP4 pair {key}_blocks/_scales")
 
+    def check(self, shapes, extra_ok=None):
+        """Fail before reading anything: each parameter of `shapes` ({model name: shape}) must have a tensor of that
+        shape, or an MXFP4 uint8 pair that dequantises to it. With extra_ok (a predicate on checkpoint names), a
+        tensor that no parameter claims and extra_ok rejects is an error too (a config.json that does not fit)."""
+        header = {}  # checkpoint name -> (dtype, shape), one pass over each file's header
+        for file in sorted(set(self.files.values())):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    src = f.get_slice(key)
+                    header[key] = (src.get_dtype(), tuple(src.get_shape()))
+        missing, claimed = [], set()
+        for name, shape in shapes.items():
+            key, shape = self.rename(name), tuple(shape)
+            if key in header:
+                wanted = {key: (("F32", "BF16", "F16", "F64"), shape)}
+            elif key + "_blocks" in header and key + "_scales" in header and len(shape) == 3:
+                E, n_in, n_out = shape  # transformers' (E, in, out); the released pair is (E, out, in/32, ...)
+                wanted = {key + "_blocks": (("U8",), (E, n_out, n_in // 32, 16)),
+                          key + "_scales": (("U8",), (E, n_out, n_in // 32))}
+            else:
+                missing.append(key)
+                continue
+            for k, (dtypes, want) in wanted.items():
+                got_dtype, got = header[k]
+                if got != want or got_dtype not in dtypes:
+                    raise ValueError(f"{self.files[k]}: tensor {k} is {got_dtype} {got}, expected {'/'.join(dtypes)} "
+                                     f"{want} for parameter {name} of shape {shape} (from config.json): are "
+                                     f"config.json and the weights from the same model?")
+                claimed.add(k)
+        unexpected = [] if extra_ok is None else sorted(k for k in header if k not in claimed and not extra_ok(k))
+        if missing or unexpected:
+            raise ValueError(f"{self.path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors "
+                             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+
     def _read_mxfp4(self, key, start, end):
         from model import mxfp4_dequantize
         with safe_open(self.files[key + "_blocks"], framework="pt") as fb, \

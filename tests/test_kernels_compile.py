@@ -1,6 +1,7 @@
 """
 Every Triton kernel in kernels.py compiled ahead of time for real GPUs (sm_90 H100/H200, sm_100 B200), bf16,
-with the GPU tile sizes, on this CPU machine: triton ships ptxas, so no GPU is needed to compile.
+with the GPU tile sizes, on this CPU machine: triton ships ptxas, so no GPU is needed to compile. Each kernel's
+shared memory is checked against the per-block limit (Triton checks it only at launch).
 
 The interpreter (what tests/test_kernels.py runs) accepts code the GPU compiler rejects (a non-constexpr
 global read inside a kernel, a loop-carried variable that changes type, an unsupported early return), so
@@ -37,7 +38,10 @@ def compile_kernel(label, fn, signature, constexprs, num_warps=4, num_stages=2):
     try:
         compiled = triton.compile(ASTSource(fn, full, constexprs), target=target,
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
-        results[label] = {"ok": "cubin" in compiled.asm, "s": round(time.time() - t0, 1)}
+        dots = [line for line in compiled.asm["ttir"].splitlines() if "tt.dot " in line]
+        results[label] = {"ok": "cubin" in compiled.asm, "s": round(time.time() - t0, 1),
+                          "shared": compiled.metadata.shared, "dots": len(dots),
+                          "tf32_dots": sum("inputPrecision = tf32" in line for line in dots)}
     except Exception as e:
         results[label] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:800]}"}
 
@@ -104,6 +108,10 @@ print(json.dumps(results))
 """
 
 
+# the most shared memory one block may use (opt-in), the same on sm_90 (H100/H200) and sm_100 (B200): 227 KiB
+MAX_SHARED_BYTES = 232448
+
+
 def compile_all(arch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDGPT_KERNELS")}
@@ -122,3 +130,16 @@ def test_every_kernel_compiles_for_gpu(arch):
     assert len(results) == 23 + 2 * 9
     failed = {name: r for name, r in results.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)
+    # shared memory is checked only at launch (OutOfResources), so a tile too big for the GPU compiles fine here
+    too_big = {name: r["shared"] for name, r in results.items() if r["shared"] > MAX_SHARED_BYTES}
+    assert not too_big, f"shared memory per block over {MAX_SHARED_BYTES} bytes (sm_{arch}): {too_big}"
+    # every tl.dot honours PRECISION (the interpreter ignores it, so only the compiled IR shows a dot that forgot
+    # input_precision and would run TF32 in gpu_check's IEEE comparison)
+    for name, r in results.items():
+        if name.endswith("_fp32_ieee"):
+            assert r["dots"] > 0 and r["tf32_dots"] == 0, (name, r)
+        if name.endswith("_fp32_tf32"):
+            assert r["dots"] > 0 and r["tf32_dots"] == r["dots"], (name, r)
+    print(f"\nsm_{arch}: largest shared memory per block",
+          max(((r["shared"], name) for name, r in results.items())), "bytes; slowest compile",
+          max(((r["s"], name) for name, r in results.items())), "s")

@@ -215,3 +215,309 @@ def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(stage2_runs
         assert torch.equal(resumed[name], two[name]), name  # same world size: bit for bit
     steps = [m["step"] for m in metrics(f"{stage2_runs}/killed")]
     assert steps[-1] == 4 and 3 in steps  # the resumed run logged the steps after the checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded initialisation: the model on the meta device, each rank reading only its ZeRO-3 shard of the checkpoint
+# (training.build_model), against the whole-model load every rank did before (--sharded_init=false)
+
+INIT_WORKER = os.path.join(ROOT, "tests", "init_worker.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def tiny_gpt_oss_config(vocab_size=201088):
+    """Stage 1 from parts needs the real vocabulary: the image token is 200017 of o200k_harmony. Hidden 64 and
+    intermediate 32: multiples of MXFP4's groups of 32."""
+    import transformers
+    return transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=8, pad_token_id=0, eos_token_id=1,
+                                     bos_token_id=None)
+
+
+TINY_CLIP = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                 patch_size=14)
+
+
+def randomise(module, seed):
+    """transformers initialises biases, sinks and norms to constants: random values make every tensor count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def to_mxfp4(src, dst, seed=0):
+    """A dense gpt-oss directory rewritten in the released format: experts as random MXFP4 blocks/scales (uint8,
+    (E, out, in/32, 16) and (E, out, in/32)), everything else bf16. Returns {expert name: transformers' dequantised
+    (E, in, out)}, the reference values."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    dense = {}
+    for name in list(tensors):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, n_in, n_out = tensors.pop(name).shape
+            blocks = torch.randint(0, 256, (E, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+            scales = torch.randint(121, 130, (E, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            dense[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # (E, in, out)
+        else:
+            tensors[name] = tensors[name].to(torch.bfloat16)
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Released-format parts written by transformers: a dense and an MXFP4 gpt-oss directory; CLIP as a CLIPModel
+    (safetensors and pytorch_model.bin) and as a CLIPVisionModel; a LLaVA directory written by transformers."""
+    import transformers
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    lm = randomise(transformers.GptOssForCausalLM(tiny_gpt_oss_config()), 1)
+    lm.save_pretrained(root / "lm")
+    mxfp4 = to_mxfp4(str(root / "lm"), str(root / "lm_mxfp4"))
+    clip = randomise(transformers.CLIPModel(transformers.CLIPConfig(
+        vision_config=TINY_CLIP, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=4, vocab_size=99, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=1))), 2)
+    clip.save_pretrained(root / "clip")
+    os.makedirs(root / "clip_bin")
+    torch.save(clip.state_dict(), root / "clip_bin" / "pytorch_model.bin")
+    clip.config.to_json_file(root / "clip_bin" / "config.json")
+    tower = randomise(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP)), 3)
+    tower.save_pretrained(root / "clip_vision")
+    llava_config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**TINY_CLIP),
+                                            text_config=tiny_gpt_oss_config(vocab_size=128), image_token_index=120)
+    llava = randomise(transformers.LlavaForConditionalGeneration(llava_config), 4)
+    llava.save_pretrained(root / "llava")
+    return {"root": root, "lm": lm, "mxfp4": mxfp4, "clip": clip, "tower": tower, "llava": llava}
+
+
+def init_case(name, stage, parts_root=None, lm=None, clip=None, init_from="parts", dtype="float32"):
+    case = {"name": name, "stage": stage, "init_from": init_from, "dtype": dtype}
+    if lm:
+        case.update(lm_path=str(parts_root / lm), clip_path=str(parts_root / clip))
+    return case
+
+
+def built_params(case):
+    """{name: tensor} of a case built whole and on the meta device, each consolidated from ZeRO3 (1 process)."""
+    import init_worker
+    import zero
+    run = training_run()
+    out = {}
+    for sharded in (False, True):
+        cfg = init_worker.case_config(case)
+        import dataclasses
+        model, engine, info = init_worker.build(dataclasses.replace(cfg, sharded_init=sharded), case["stage"], run)
+        assert info["meta"] == sharded
+        out[sharded] = ({n: t.clone() for n, t in zero.iter_full_params(engine)}, info, model)
+    return out
+
+
+def training_run():
+    import training
+    return training.Run(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("lm, clip", [("lm", "clip"), ("lm_mxfp4", "clip_vision"), ("lm", "clip_bin")])
+def test_stage1_sharded_init_equals_from_parts_and_transformers(parts, lm, clip):
+    built = built_params(init_case("s1", 1, parts["root"], lm, clip))
+    (whole, whole_info, _), (sharded, sharded_info, model) = built[False], built[True]
+    assert whole.keys() == sharded.keys()
+    for name in whole:
+        assert torch.equal(sharded[name], whole[name]), name
+    for key in ("flops", "config", "inv_freq", "attention_factor"):  # what __init__ and flops_model compute
+        assert sharded_info[key] == whole_info[key], key
+    # against transformers' own tensors: the language model (dense, or as transformers dequantises MXFP4), CLIP
+    for name, tensor in parts["lm"].state_dict().items():
+        want = parts["mxfp4"].get(name, tensor) if lm == "lm_mxfp4" else tensor
+        want = want if name in parts["mxfp4"] or lm == "lm" else want.to(torch.bfloat16).float()
+        assert torch.equal(sharded["language_model." + name], want), name
+    tower = parts["tower"] if clip == "clip_vision" else parts["clip"].vision_model  # transformers 5: no prefix
+    for name, tensor in tower.state_dict().items():
+        assert torch.equal(sharded["vision_tower." + name], tensor), name
+
+
+def test_stage2_sharded_init_equals_from_pretrained(parts, stage1_model):
+    """A LLaVA directory in llava-hf's layout (ours) and in transformers 5's (transformers' save_pretrained)."""
+    for path, reference in ((stage1_model, None), (str(parts["root"] / "llava"), parts["llava"])):
+        built = built_params(init_case("s2", 2, init_from=path))
+        whole, sharded = built[False][0], built[True][0]
+        assert whole.keys() == sharded.keys()
+        for name in whole:
+            assert torch.equal(sharded[name], whole[name]), name
+        if reference is not None:  # transformers' module names (test_medgpt checks this table against them)
+            from model import to_checkpoint_name
+            state = reference.state_dict()
+            assert len(state) == len(sharded)
+            for name, tensor in sharded.items():
+                assert torch.equal(tensor, state[to_checkpoint_name(name, "transformers-5-module")]), name
+
+
+def edited_copy(src, dst, edit):
+    """A copy of checkpoint directory src whose tensors are edit(dict) (config.json and the rest unchanged)."""
+    import shutil
+    from safetensors.torch import save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_sharded_init_errors_name_the_file_and_tensor(parts, stage1_model, tmp_path):
+    import training
+    cfg = training.TrainConfig(init_from="parts", lm_path=str(parts["root"] / "lm_mxfp4"),
+                               clip_path=str(parts["root"] / "clip"))
+    key = "language_model.model.layers.1.self_attn.sinks"
+    missing = edited_copy(stage1_model, tmp_path / "missing", lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"{missing}: .*missing tensors \['{key}'\]"):
+        training.build_model(training.TrainConfig(init_from=missing), 2)
+    wrong = edited_copy(stage1_model, tmp_path / "wrong", lambda t: t.update({key: torch.zeros(5)}))
+    with pytest.raises(ValueError, match=rf"{wrong}/model.safetensors: tensor {key} is F32 \(5,\), expected "
+                                         rf"F32/BF16/F16/F64 \(4,\)"):
+        training.build_model(training.TrainConfig(init_from=wrong), 2)
+    extra = edited_copy(stage1_model, tmp_path / "extra",
+                        lambda t: t.update({"language_model.model.layers.7.x": torch.zeros(4)}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['language_model.model.layers.7.x'\]"):
+        training.build_model(training.TrainConfig(init_from=extra), 2)
+    # MXFP4: scales of the wrong shape; CLIP: a vision tensor missing
+    scales = "model.layers.0.mlp.experts.down_proj_scales"
+    bad_lm = edited_copy(cfg.lm_path, tmp_path / "bad_lm", lambda t: t.update({scales: t[scales][:-1].clone()}))
+    with pytest.raises(ValueError, match=rf"{bad_lm}/model.safetensors: tensor {scales} is U8 \(3, 64, 1\), "
+                                         rf"expected U8 \(4, 64, 1\)"):
+        training.build_model(training.TrainConfig(init_from="parts", lm_path=bad_lm, clip_path=cfg.clip_path), 1)
+    fc = "vision_model.encoder.layers.0.mlp.fc2.bias"
+    bad_clip = edited_copy(cfg.clip_path, tmp_path / "bad_clip", lambda t: t.pop(fc))
+    with pytest.raises(ValueError, match=rf"{bad_clip}: .*missing tensors \['{fc}'\]"):
+        training.build_model(training.TrainConfig(init_from="parts", lm_path=cfg.lm_path, clip_path=bad_clip), 1)
+    # fsdp2 is a reference path: the whole model, and no meta-device start
+    model, load = training.build_model(training.TrainConfig(init_from=stage1_model, sharding="fsdp2"), 2)
+    assert load is None and not any(p.is_meta for p in model.parameters())
+    meta, load = training.build_model(training.TrainConfig(init_from=stage1_model), 2)
+    with pytest.raises(ValueError, match="sharded meta-device start is ZeRO3's"):
+        training.build_engine(training.TrainConfig(sharding="fsdp2"), meta, training_run(), load)
+
+
+def test_meta_model_materialises_what_init_computes(monkeypatch):
+    import model as M
+    import training
+    config = training.arch_config("tiny")
+    meta = training.meta_model(config)
+    torch.manual_seed(0)
+    real = M.MedGPT(config)
+    assert torch.equal(meta.language_model._inv_freq, real.language_model._inv_freq)
+    assert meta.language_model.attention_factor == real.language_model.attention_factor
+    assert not any(b.is_meta for b in meta.buffers())
+
+    class WithBuffer(M.MedGPT):
+        def __init__(self, config):
+            super().__init__(config)
+            self.multi_modal_projector.register_buffer("scale", torch.ones(3))
+    monkeypatch.setattr(M, "MedGPT", WithBuffer)
+    with pytest.raises(ValueError, match="multi_modal_projector.scale is on the meta device"):
+        training.meta_model(config)
+
+
+def test_clip_config_without_weights_equals_the_loaders(parts):
+    import model as M
+    import vision
+    for name in ("clip", "clip_bin", "clip_vision", "llava"):
+        path = str(parts["root"] / name)
+        assert M.clip_vision_config(path)[0] == vision.CLIPVision.from_pretrained(path).config, name
+
+
+def launch_worker(mode, cases, out, tag, nproc=2, **extra):
+    args = [INIT_WORKER, "--mode", mode, "--cases", json.dumps(cases), "--out", str(out), "--tag", tag,
+            *[f"--{k}={v}" for k, v in extra.items()]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+
+
+@pytest.mark.slow
+def test_sharded_init_on_two_processes_equals_whole_load(parts, stage1_model, tmp_path):
+    """2 processes (gloo): for stage 1 from parts (dense LM + CLIPModel, fp32; MXFP4 LM + CLIPVisionModel, bf16
+    compute) and stage 2 from a LLaVA directory, the meta-device start gives the same parameters, the same first
+    losses and gradient norms, and the same parameters after two steps as the whole-model load."""
+    root = parts["root"]
+    cases = [init_case("dense", 1, root, "lm", "clip"), init_case("mxfp4", 1, root, "lm_mxfp4", "clip_vision",
+                                                                  dtype="bfloat16"),
+             init_case("llava", 2, init_from=stage1_model)]
+    launch_worker("compare", cases, tmp_path, "cmp")
+    with open(tmp_path / "cmp.json") as f:
+        info = json.load(f)
+    tensors = load_file(str(tmp_path / "cmp.safetensors"))
+    for case in cases:
+        whole, sharded = info[f"{case['name']}.whole"], info[f"{case['name']}.sharded"]
+        assert not whole["meta"] and sharded["meta"]
+        for key in ("losses", "grad_norms", "flops", "config", "inv_freq", "attention_factor"):
+            assert sharded[key] == whole[key], (case["name"], key)
+        assert whole["losses"][1]["ce"] != whole["losses"][0]["ce"]  # the step changed something
+        names = [n.split(".", 3)[3] for n in tensors if n.startswith(f"{case['name']}.whole.init.")]
+        assert len(names) > 50
+        for when in ("init", "trained"):
+            for n in names:
+                assert torch.equal(tensors[f"{case['name']}.sharded.{when}.{n}"],
+                                   tensors[f"{case['name']}.whole.{when}.{n}"]), (case["name"], when, n)
+
+
+@pytest.mark.slow
+def test_stage1_script_starts_sharded_from_mxfp4_parts(parts, data_dir, tmp_path):
+    """train_stage1.py --init_from=parts on 2 processes (the default, sharded start), no steps: its final model is
+    MedGPT.from_parts' whole-model load, bit for bit (losses: test_sharded_init_on_two_processes_...)."""
+    from model import MedGPT
+    lm_path, clip_path = f"{parts['root']}/lm_mxfp4", f"{parts['root']}/clip"
+    wait_all(launch_ranks("train_stage1.py", [f"--data={data_dir}/captions.jsonl", "--init_from=parts",
+                                              f"--lm_path={lm_path}", f"--clip_path={clip_path}", "--seed=5",
+                                              "--max_steps=0", "--global_batch=4", "--micro_batch=2", "--seq_len=64",
+                                              "--seq_len_schedule=", "--dtype=float32", f"--out_dir={tmp_path}"]))
+    saved = final_weights(str(tmp_path))
+    whole = MedGPT.from_parts(lm_path, clip_path, dtype=torch.float32, seed=5)
+    whole.save_pretrained(str(tmp_path / "whole" / "final"))
+    want = final_weights(str(tmp_path / "whole"))
+    assert saved.keys() == want.keys()
+    for name in want:
+        assert torch.equal(saved[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_sharded_init_peak_host_memory(parts, tmp_path):
+    """Peak resident memory per rank (VmHWM) of stage 1's start on 2 processes, the whole-model load against the
+    sharded one, for a 0.3B-parameter model (MXFP4 experts, the real vocabulary) in bf16 compute. Printed; the
+    bound is loose (the saving is the fp32 model, 1.2 GB, against a shared, noisy machine)."""
+    from model import GPTConfig, param_counts
+    from test_model_memory import write_synthetic_mxfp4
+    config = GPTConfig(vocab_size=201088, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=32,
+                       pad_token_id=0, eos_token_id=1)
+    write_synthetic_mxfp4(str(tmp_path / "lm"), config)
+    case = init_case("mem", 1, parts["root"], "lm", "clip", dtype="bfloat16")
+    case["lm_path"] = str(tmp_path / "lm")
+    peaks = {}
+    for sharded in (0, 1):
+        launch_worker("memory", [case], tmp_path, f"mem{sharded}", sharded_init=sharded)
+        reports = []
+        for rank in (0, 1):
+            with open(tmp_path / f"mem{sharded}.rank{rank}.json") as f:
+                reports.append(json.load(f))
+        assert all(r["meta"] == bool(sharded) and r["world_size"] == 2 for r in reports)
+        peaks[sharded] = max(r["peak_rss_bytes"] for r in reports)
+        shard_bytes = sum(reports[0]["zero3_bytes"].values())
+    n = param_counts(config)["total"]
+    print(f"\nLM {n / 1e6:.0f}M parameters ({4 * n / 2**30:.2f} GiB in fp32), 2 ranks, bf16: ZeRO3 holds "
+          f"{shard_bytes / 2**30:.2f} GiB per rank; peak RSS per rank: whole load {peaks[0] / 2**30:.2f} GiB, "
+          f"sharded {peaks[1] / 2**30:.2f} GiB (saved {(peaks[0] - peaks[1]) / 2**30:.2f} GiB)")
+    assert peaks[1] < peaks[0] - 2 * n  # at least half the fp32 model saved (all of it, 4 bytes/param, expected)
