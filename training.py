@@ -12,6 +12,9 @@ Design choices
   share of the step's target tokens (an all-reduced count), so the gradient is the mean over every target token
   of the global batch however the batch is cut into micro-batches and ranks.
 - The optimizer, gradient clipping, sharding and sharded checkpoints are zero.py's; this file only drives them.
+- The starting model is built on the meta device and each rank reads only its ZeRO-3 shard of the checkpoint
+  (build_model -> zero.ZeRO3(load=...)): loading the whole 20B model first would cost ~84 GB of host memory per
+  rank. fsdp2 (a reference path) and --sharded_init=false keep the whole-model load.
 - LR: linear warm-up over `warmup_frac` of the steps, then cosine decay to `min_lr` (paper: AdamW, cosine).
 - Non-finite guard: a step whose loss or gradient norm is not finite is skipped (grads dropped, counted); after
   `max_nonfinite` in a row the run saves a checkpoint and stops with a clear message.
@@ -73,6 +76,7 @@ class TrainConfig:
     dtype: str = "bfloat16"      # compute dtype; master weights and optimizer state are fp32 (zero.py)
     activation_checkpointing: bool = False
     sharding: str = "zero3"  # zero3 (zero.ZeRO3, ours) | fsdp2 (PyTorch's fully_shard: a reference, no checkpoints)
+    sharded_init: bool = True    # zero3: model on the meta device, each rank reads only its shard of the weights
     # bookkeeping
     log_every: int = 1
     ckpt_every: int = 0          # steps between resumable checkpoints (0: only at the end)
@@ -381,21 +385,117 @@ def zero_units(model) -> list:
     return vision_blocks + [model.multi_modal_projector] + list(model.language_model.model.layers)
 
 
-def build_engine(cfg: TrainConfig, model, run: Run):
+def build_engine(cfg: TrainConfig, model, run: Run, load=None):
     """ZeRO3 (or, with --sharding=fsdp2, PyTorch's fully_shard as a reference) over `model` (trainability
-    already set): fp32 masters and AdamW state, compute in run.dtype."""
+    already set): fp32 masters and AdamW state, compute in run.dtype. load: build_model's reader for a model
+    on the meta device (ZeRO3 fills each rank's shard from it)."""
     import zero
     if cfg.sharding not in ("zero3", "fsdp2"):
         raise SystemExit(f"--sharding={cfg.sharding}: expected zero3 or fsdp2")
     if cfg.sharding == "fsdp2" and (cfg.resume or cfg.ckpt_every > 0):
         raise SystemExit("--sharding=fsdp2 is a reference path without checkpoints: use --ckpt_every=0 and no "
                          "--resume, or --sharding=zero3")
+    if cfg.sharding == "fsdp2" and load is not None:
+        raise ValueError("--sharding=fsdp2 needs a model with real weights (build_model loads the whole model for "
+                         "it); the sharded meta-device start is ZeRO3's")
     if cfg.router_aux_loss_coef >= 0:
         model.language_model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
-    engine_class = zero.FSDP2 if cfg.sharding == "fsdp2" else zero.ZeRO3
+    if cfg.sharding == "fsdp2":
+        engine_class, extra = zero.FSDP2, {}
+    else:
+        engine_class, extra = zero.ZeRO3, {"load": load}
     return engine_class(model, zero_units(model), dtype=run.dtype, device=run.device, lr=cfg.lr,
                         betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                        checkpointing=cfg.activation_checkpointing)
+                        checkpointing=cfg.activation_checkpointing, **extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The starting model: whole, or on the meta device with a reader of each rank's shard
+
+
+def build_model(cfg: TrainConfig, stage: int) -> tuple:
+    """(model, load) for build_engine. Stage 1 starts from `parts` (--lm_path, --clip_path) or `scratch`; stages 2
+    and 3 from a LLaVA directory (--init_from, the previous stage's final/). With ZeRO3 (and --sharded_init, the
+    default) the model is built on the meta device and `load(name, start, end)` reads a flat range of a parameter
+    from the checkpoint, so no rank ever holds the whole model. --sharding=fsdp2 and --sharded_init=false load
+    the whole model in fp32 on every rank (about 84 GB for the 20B recipe) and return load=None."""
+    from model import MedGPT
+    whole = cfg.sharding == "fsdp2" or not cfg.sharded_init
+    if stage == 1 and cfg.init_from == "scratch":
+        return MedGPT(arch_config(cfg.arch)), None  # random weights from the seed every rank set in setup()
+    if stage == 1:
+        if cfg.init_from != "parts":
+            raise SystemExit(f"--init_from={cfg.init_from}: stage 1 starts from 'parts' (--lm_path, --clip_path) or "
+                             f"'scratch'")
+        if not cfg.lm_path or not cfg.clip_path:
+            raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and "
+                             "--clip_path=<CLIP dir> (or --preset=tiny to try it on a CPU)")
+        if whole:
+            return MedGPT.from_parts(cfg.lm_path, cfg.clip_path, dtype=torch.float32, seed=cfg.seed), None
+        return parts_on_meta(cfg.lm_path, cfg.clip_path, cfg.seed)
+    if not cfg.init_from or not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        raise SystemExit(f"--init_from={cfg.init_from!r}: stage {stage} starts from a LLaVA directory (config.json + "
+                         f"safetensors), e.g. the previous stage's <out_dir>/final")
+    if whole:
+        return MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32), None  # fp32: ZeRO3 casts to cfg.dtype
+    return llava_on_meta(cfg.init_from)
+
+
+def llava_on_meta(path: str) -> tuple:
+    """(MedGPT on the meta device, reader) for a LLaVA directory in any of model.LLAVA_LAYOUTS."""
+    import zero
+    from model import IGNORED_CHECKPOINT_KEYS, MedGPTConfig, checkpoint_files, llava_layout, to_checkpoint_name
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = MedGPTConfig.from_dict(json.load(f), where=config_path)
+    model = meta_model(config)
+    layout = llava_layout(checkpoint_files(path), path)
+    reader = zero.SafetensorsReader(path, rename=lambda name: to_checkpoint_name(name, layout))
+    reader.check({n: p.shape for n, p in model.named_parameters()},
+                 extra_ok=lambda key: key.endswith(IGNORED_CHECKPOINT_KEYS))
+    return model, reader
+
+
+def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
+    """(MedGPT on the meta device, reader) for stage 1's parts, what MedGPT.from_parts loads: language-model
+    names from the gpt-oss directory (dense or MXFP4), vision-tower names from the CLIP directory (CLIPModel,
+    CLIPVisionModel or LLaVA layout), the projector freshly initialised from `seed` (model.new_projector: the
+    same values on every rank and as from_parts)."""
+    import zero
+    from model import MedGPTConfig, checkpoint_files, clip_vision_config, new_projector
+    config = MedGPTConfig.from_parts(lm_path, clip_path)
+    model = meta_model(config)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    lm_names = {n: s for n, s in shapes.items() if n.startswith("language_model.")}
+    lm_reader = zero.SafetensorsReader(lm_path, rename=lambda name: name.removeprefix("language_model."))
+    lm_reader.check(lm_names, extra_ok=lambda key: False)
+    vision_names = {n: s for n, s in shapes.items() if n.startswith("vision_tower.")}
+    if any(f.endswith(".safetensors") for f in os.listdir(clip_path)):
+        probe = "embeddings.patch_embedding.weight"
+        keys = checkpoint_files(clip_path)
+        prefixes = clip_vision_config(clip_path)[1]
+        prefix = next((p for p in prefixes if p + probe in keys), None)
+        if prefix is None:
+            raise ValueError(f"{clip_path}: no vision tower found (looked for {[p + probe for p in prefixes]})")
+        vision_reader = zero.SafetensorsReader(clip_path,
+                                               rename=lambda name: prefix + name.removeprefix("vision_tower."))
+        vision_reader.check(vision_names)  # a CLIPModel holds the text tower too: other tensors are fine
+    else:  # pytorch_model.bin: no ranged reads; the tower (0.3B parameters for ViT-L) is loaded whole
+        import vision
+        tower = vision.CLIPVision.from_pretrained(clip_path, dtype=torch.float32)
+        vision_reader = tensor_reader({"vision_tower." + n: t for n, t in tower.state_dict().items()})
+    projector = new_projector(config, seed)
+    projector_reader = tensor_reader({"multi_modal_projector." + n: t for n, t in projector.state_dict().items()})
+    readers = {"language_model": lm_reader, "vision_tower": vision_reader, "multi_modal_projector": projector_reader}
+
+    def load(name, start, end):
+        return readers[name.split(".", 1)[0]](name, start, end)
+    return model, load
+
+
+def tensor_reader(tensors: dict):
+    """A `load(name, start, end)` over tensors in memory."""
+    return lambda name, start, end: tensors[name].reshape(-1)[start:end]  # (numel,) flat range
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -621,6 +721,42 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
     return path
 
 
+def run_stage(cfg: TrainConfig, stage: int, packing: bool):
+    """One stage, start to end, the same steps for all three (what differs is in each script's presets and its
+    `packing`): the model on the meta device with a shard reader, trainability, the tokenizer that travels with
+    the weights, the data, ZeRO-3, the step loop, the final model in LLaVA format under <out_dir>/final."""
+    from data.datasets import ImageTokens, load_dataset
+    from data.tokenizer import load_tokenizer
+    name = f"stage{stage}"
+    run = setup(cfg)
+    if cfg.dry_run:
+        print(json.dumps(dry_run(cfg, stage, run.world_size)))
+        return None
+
+    model, load = build_model(cfg, stage)  # meta device + a reader of each rank's shard
+    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
+    freeze_unused(model)
+    weights_dir = cfg.lm_path if cfg.init_from == "parts" else cfg.init_from  # stage 1 starts from gpt-oss's dir
+    tok = load_tokenizer(weights_dir if weights_dir and has_tokenizer(weights_dir) else None)
+    vision_cfg = model.config.vision
+    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
+                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
+    dataset = load_dataset(cfg.data, stage, tok, image_tokens, system_prompt=cfg.system_prompt or None)
+
+    fm = flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
+    engine = build_engine(cfg, model, run, load)
+
+    def loader_for(seq_len, rows, phase):
+        return make_loader(cfg, dataset, run, seq_len, rows, phase, packing=packing, image_size=vision_cfg.image_size)
+
+    train(cfg, name, model, engine, loader_for, run, fm)
+    path = save_final(engine, model, cfg, run, tok)
+    if run.is_main:
+        print(f"{name}: final model in {path}", flush=True)
+    shutdown()
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Architectures and the dry run
 
@@ -645,10 +781,23 @@ def arch_config(name: str):
 
 
 def meta_model(config):
-    """MedGPT on the meta device: shapes and counts, no memory."""
-    from model import MedGPT
+    """MedGPT on the meta device: shapes and counts, no parameter memory. What __init__ computes rather than
+    allocates must come out real (ZeRO3 shards parameters only): GPT._inv_freq, an fp32 attribute that is not a
+    buffer, is recomputed if it landed on meta; any other meta buffer or tensor attribute is an error."""
+    from model import MedGPT, rope_inv_freq
     with torch.device("meta"):
-        return MedGPT(config)
+        model = MedGPT(config)
+    lm = model.language_model
+    if lm._inv_freq.is_meta:
+        lm._inv_freq, lm.attention_factor = rope_inv_freq(config.text)
+    for module_name, module in model.named_modules():
+        tensors = {**dict(module.named_buffers(recurse=False)),
+                   **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
+        for name, t in tensors.items():
+            if t.is_meta:
+                raise ValueError(f"training.meta_model: {module_name}.{name} is on the meta device; compute it on "
+                                 f"the CPU in __init__ (as GPT._inv_freq) or materialise it here")
+    return model
 
 
 def dry_run(cfg: TrainConfig, stage: int, world_size: int) -> dict:
@@ -722,6 +871,11 @@ def demo_report(root: str) -> str:
     lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
               f"{100 * baseline:.1f}% |", "",
               f"The trained model {verdict} the majority-answer baseline on held-out images {margin}".rstrip() + "."]
+    oracle = stats.get("best_constant_baseline_demo_vqa")
+    if oracle is not None:  # stricter: the best constant answer per kind, chosen on the held-out answers
+        side = ("below" if 100 * oracle < low else "inside" if 100 * oracle <= high else "above")
+        lines.append(f"Stricter check: the best constant answer per kind, chosen on the held-out set itself, scores "
+                     f"{100 * oracle:.1f}% ({side} the model's 95% interval).")
     return "\n".join(lines)
 
 
@@ -730,10 +884,12 @@ def demo_answer(root: str) -> str:
     import eval as harness
     items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)
     model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
+    # reasoning: the demo model names the modality in its analysis message first (data/demo.py), as `make demo`
+    # evaluates it (eval.py --reasoning)
     encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
-                              is_multimodal)
+                              is_multimodal, reasoning=True)
     item = items[0]
-    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 16)[0]
+    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 24)[0]
     return (f"\nimage: {item['images'][0]}\nquestion: {harness.build_prompt(item)}\n"
             f"model answer: {answer!r}   (reference: {item['answer']!r})")
 

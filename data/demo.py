@@ -21,8 +21,12 @@ Design choices
 - Stage 3 has one question per conversation, image first, exactly as eval asks it (a multi-turn chat lets a tiny
   model answer later questions from earlier answers instead of the image); the 1,544 text-only report questions
   get weight 0.1 in stage3.json so the image questions are not drowned.
+- Modality questions think first: each form (closed, yes/no, letter) carries the analysis message "Modality: ct",
+  and 1,500 text-only drills teach the step from a named modality to each answer form, so the three forms can
+  agree (a tiny model otherwise learns each form per training image). Evaluate with eval.py --reasoning.
 - Eval asks a question only when its answer also occurs in training (a tiny model cannot name a class it never
-  saw); `stats.json` counts what was left out and gives the majority-answer baseline to beat.
+  saw); `stats.json` counts what was left out and gives the majority-answer baseline to beat, and a stricter one:
+  the best constant answer per kind chosen on the held-out answers themselves.
 - Deterministic: every random choice comes from `random.Random(f"{seed}:{what}")`; PNGs are byte-identical
   across runs. pydicom and nibabel are imported lazily (only the demo needs them).
 """
@@ -58,6 +62,12 @@ REGION_QUESTIONS = ["Which body region is shown?", "What part of the body does t
 PLANE_QUESTIONS = ["In which plane is this image?", "What is the imaging plane?"]
 VIEW_QUESTIONS = ["What is the projection of this radiograph?", "Is this an AP or a PA view?"]
 YES_NO_TEMPLATE = "Is this a {} image?"
+MODALITY_KINDS = ("modality", "modality_choice", "modality_yes_no")
+THINKING = "Modality: {}"  # the analysis message of a modality question; " ct" is the token of option "B. ct"
+DRILL_HINT = "The image is described as: {}."
+N_DRILLS = 1500
+TRAIN_VIEWS = 24  # augmented views per training source: many distinct views teach more than many passes over few
+EVAL_VIEWS = 24
 CAPTION_NAMES = {"ct": "CT", "mri": "MR", "x-ray": "radiograph", "ultrasound": "ultrasound",
                  "nuclear medicine": "nuclear medicine", "fundus photograph": "fundus photograph",
                  "histology": "histology"}
@@ -81,7 +91,7 @@ class Source:
     checks: tuple = ()   # (DICOM keyword, expected value) pairs verified on every build
     view: str | None = None  # radiograph projection, from ViewPosition
     flip: bool = False   # horizontal flips allowed (no answer depends on side)
-    n_images: int = 24
+    n_images: int | None = None  # views to render; None: TRAIN_VIEWS or EVAL_VIEWS by split
 
 
 SOURCES = [
@@ -112,7 +122,7 @@ SOURCES = [
            "pydicom test file MR_small.dcm (downsized from NEMA WG04 MR1_UNC)", (("Modality", "MR"),)),
     Source("mr_head_nib_anat", "nibabel", "anatomical.nii", "train", "mri", "head",
            "nibabel's example structural brain MR volume; planes from the affine", NIBABEL_LICENCE,
-           "nibabel tests/data/anatomical.nii", (), n_images=30),
+           "nibabel tests/data/anatomical.nii", ()),
     Source("mr_head_emri", "pydicom-data", "emri_small.dcm", "eval", "mri", "head",
            "Modality=MR; BodyPartExamined=HEAD; 10 frames", PYDICOM_DATA_LICENCE, "pydicom-data emri_small.dcm",
            (("Modality", "MR"), ("BodyPartExamined", "HEAD"))),
@@ -296,11 +306,12 @@ def source_views(source, seed, size):
     """[(PIL image, plane or None, where)] for one source: n_images augmented views (the first one un-augmented)."""
     rng = random.Random(f"{seed}:{source.name}")
     path = os.path.join(package_dir(source.package), source.file)
+    n_images = source.n_images or (TRAIN_VIEWS if source.split == "train" else EVAL_VIEWS)
     views = []
     if source.package == "nibabel":
         volume, zooms = read_volume(path)
         planes = ["axial", "coronal", "sagittal"]
-        for i in range(source.n_images):
+        for i in range(n_images):
             plane = planes[i % 3]
             depth = volume.shape[{"sagittal": 0, "coronal": 1, "axial": 2}[plane]]
             index = depth // 2 if i < 3 else rng.randrange(int(depth * 0.3), max(int(depth * 0.7), int(depth * 0.3) + 1))
@@ -309,11 +320,11 @@ def source_views(source, seed, size):
     elif source.package == "scikit-image":
         pixels = np.asarray(Image.open(path))
         pixels = pixels.astype(np.float32) if pixels.ndim == 2 else pixels[..., :3]
-        for i in range(source.n_images):
+        for i in range(n_images):
             views.append((render(pixels, rng, size, source.flip, first=i == 0), None, "photograph"))
     else:
         frames, plane = read_dicom(path, source.checks)
-        for i in range(source.n_images):
+        for i in range(n_images):
             frame = len(frames) // 2 if i == 0 else rng.randrange(len(frames))
             views.append((render(frames[frame], rng, size, source.flip, first=i == 0), plane, f"frame {frame}"))
     return views
@@ -331,15 +342,35 @@ def image_questions(source, plane, rng):
         questions.append(("plane", "closed", rng.choice(PLANE_QUESTIONS), None, plane))
     if source.view:
         questions.append(("view", "closed", rng.choice(VIEW_QUESTIONS), None, source.view))
-    asked = source.modality if rng.random() < 0.5 else rng.choice([m for m in MODALITIES if m != source.modality])
-    questions.append(("modality_yes_no", "yes_no", YES_NO_TEMPLATE.format(CAPTION_NAMES[asked]), None,
-                      "yes" if asked == source.modality else "no"))
-    choices = [source.modality] + rng.sample([m for m in MODALITIES if m != source.modality], 3)
+    return questions + modality_form_questions(source.modality, rng)
+
+
+def modality_form_questions(modality, rng):
+    """The yes/no and the multiple-choice form of the modality question (random other modalities)."""
+    asked = modality if rng.random() < 0.5 else rng.choice([m for m in MODALITIES if m != modality])
+    questions = [("modality_yes_no", "yes_no", YES_NO_TEMPLATE.format(CAPTION_NAMES[asked]), None,
+                  "yes" if asked == modality else "no")]
+    choices = [modality] + rng.sample([m for m in MODALITIES if m != modality], 3)
     rng.shuffle(choices)
     options = {letter: choice for letter, choice in zip("ABCD", choices)}
-    answer = next(letter for letter, choice in options.items() if choice == source.modality)
+    answer = next(letter for letter, choice in options.items() if choice == modality)
     questions.append(("modality_choice", "multiple_choice", "Which imaging modality is shown?", options, answer))
     return questions
+
+
+def modality_drills(n, rng):
+    """Text-only chats that teach the three answer forms to follow a named modality: the user states it, the
+    analysis repeats it, the answer puts it in the question's form (word, yes/no, letter). No image, no
+    held-out data; the image chats then only have to get the analysis right."""
+    chats = []
+    for i in range(n):
+        modality = rng.choice(MODALITIES)
+        kind, qtype, question, options, answer = ([("modality", "closed", rng.choice(MODALITY_QUESTIONS), None,
+                                                    modality)] + modality_form_questions(modality, rng))[i % 3]
+        chats.append({"id": f"drill-{i:05d}", "conversations": [
+            {"from": "human", "value": DRILL_HINT.format(modality) + "\n" + prompt_text(qtype, question, options)},
+            {"from": "gpt", "value": answer, "thinking": THINKING.format(modality)}]})
+    return chats
 
 
 def prompt_text(question_type, question, options):
@@ -419,7 +450,7 @@ def report_questions(labels, rng):
 # -----------------------------------------------------------------------------
 # The build
 
-def build(out_dir, seed=1337, size=128, n_eval_reports=100):
+def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
     """Write the demo data set to out_dir; returns the statistics (also written to stats.json)."""
     t0 = time.time()
     os.makedirs(os.path.join(out_dir, "imgs", "train"), exist_ok=True)
@@ -447,8 +478,10 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
         # answers follow from the earlier ones ("ct" -> "head"), a text shortcut a tiny model takes instead of
         # learning to read the image.
         for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, plane, rng)):
-            turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)},
-                     {"from": "gpt", "value": answer}]
+            reply = {"from": "gpt", "value": answer}
+            if think and kind in MODALITY_KINDS:  # name the modality first, then answer in the question's form
+                reply["thinking"] = THINKING.format(source.modality)
+            turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)}, reply]
             conversations.append({"id": f"{os.path.basename(rel).removesuffix('.png')}-{k}", "image": rel,
                                   "conversations": turns})
             train_answers[kind][answer] += 1
@@ -483,6 +516,8 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
                 train_answers["report_yes_no"][answer] += 1
                 hashes.append({"kind": "text", "sha256": text_sha256(user), "ref": report_id})
 
+    drills = modality_drills(N_DRILLS, random.Random(f"{seed}:drills")) if think else []
+
     # held-out evaluation items (eval item format of docs/internals.md)
     eval_rng = random.Random(f"{seed}:eval")
     items, dropped, eval_answers = [], Counter(), defaultdict(Counter)
@@ -511,6 +546,7 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
     write_jsonl(os.path.join(out_dir, "interleaved.jsonl"), interleaved)
     write_jsonl(os.path.join(out_dir, "conversations.jsonl"), conversations)
     write_jsonl(os.path.join(out_dir, "text_conversations.jsonl"), text_conversations)
+    write_jsonl(os.path.join(out_dir, "modality_drills.jsonl"), drills)
     write_jsonl(os.path.join(out_dir, "hashes.jsonl"), hashes)
     write_jsonl(os.path.join(eval_dir, "test.jsonl"), items)
     os.makedirs(os.path.join(out_dir, "eval", "demo_report_qa"), exist_ok=True)
@@ -518,13 +554,15 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
     write_json(os.path.join(out_dir, "stage1.json"), {"datasets": [{"path": "captions.jsonl", "weight": 1.0}]})
     write_json(os.path.join(out_dir, "stage2.json"), {"datasets": [{"path": "interleaved.jsonl", "weight": 1.0},
                                                                   {"path": "text.jsonl", "weight": 0.5}]})
-    write_json(os.path.join(out_dir, "stage3.json"), {"datasets": [{"path": "conversations.jsonl", "weight": 1.0},
-                                                                  {"path": "text_conversations.jsonl", "weight": 0.1}]})
+    stage3 = [{"path": "conversations.jsonl", "weight": 1.0}, {"path": "text_conversations.jsonl", "weight": 0.1}]
+    if drills:  # --no-think writes none; an empty data set would stop stage 3
+        stage3.insert(1, {"path": "modality_drills.jsonl", "weight": 1.0})
+    write_json(os.path.join(out_dir, "stage3.json"), {"datasets": stage3})
     write_json(os.path.join(out_dir, "manifest.json"), manifest(seed, size, train_images, eval_images, len(reports)))
     stats = statistics(train_images, eval_images, train_answers, eval_answers, items + report_eval, dropped)
     stats.update(seed=seed, size=size,
                  files={"captions": len(captions), "text": len(texts), "interleaved": len(interleaved),
-                        "conversations": len(conversations), "text_conversations": len(text_conversations),
+                        "conversations": len(conversations), "modality_drills": len(drills), "text_conversations": len(text_conversations),
                         "eval/demo_vqa": len(items), "eval/demo_report_qa": len(report_eval)})
     write_json(os.path.join(out_dir, "stats.json"), stats)  # byte-identical across runs: no timings in it
     return {**stats, "build_seconds": round(time.time() - t0, 2)}
@@ -562,12 +600,16 @@ def statistics(train_images, eval_images, train_answers, eval_answers, eval_item
                           "accuracy": round(correct / total, 4)}
     vqa = [k for k in baseline if k != "report_yes_no"]
     overall = sum(baseline[k]["correct"] for k in vqa) / max(sum(baseline[k]["total"] for k in vqa), 1)
+    # stricter: the best constant answer per kind chosen on the held-out answers themselves (an oracle; a model
+    # that says 'A' to every choice question can beat the training majority letter by luck, not this)
+    oracle = sum(eval_answers[k].most_common(1)[0][1] for k in vqa) / max(sum(baseline[k]["total"] for k in vqa), 1)
     return {"images_per_source": dict(per_source),
             "images_per_split": {"train": len(train_images), "eval": len(eval_images)},
             "train_answers": {k: dict(v) for k, v in sorted(train_answers.items())},
             "eval_answers": {k: dict(v) for k, v in sorted(eval_answers.items())},
             "eval_questions_dropped_unseen_answer": dict(dropped),
-            "majority_baseline": baseline, "majority_baseline_demo_vqa": round(overall, 4)}
+            "majority_baseline": baseline, "majority_baseline_demo_vqa": round(overall, 4),
+            "best_constant_baseline_demo_vqa": round(oracle, 4)}
 
 
 def print_stats(stats):
@@ -580,7 +622,8 @@ def print_stats(stats):
     for kind, b in stats["majority_baseline"].items():
         print(f"  majority baseline {kind:17s} {b['accuracy']:.3f} ({b['correct']}/{b['total']}, "
               f"always '{b['majority_train_answer']}')")
-    print(f"majority-answer baseline on demo_vqa: {stats['majority_baseline_demo_vqa']:.3f}")
+    print(f"majority-answer baseline on demo_vqa: {stats['majority_baseline_demo_vqa']:.3f} "
+          f"(best constant answer per kind, chosen on the held-out set: {stats['best_constant_baseline_demo_vqa']:.3f})")
     print("files: " + ", ".join(f"{k} {v}" for k, v in stats["files"].items()))
 
 
@@ -589,8 +632,10 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--size", type=int, default=128, help="saved image side in pixels")
+    parser.add_argument("--no-think", dest="think", action="store_false",
+                        help="no analysis message before modality answers (evaluate without --reasoning then)")
     args = parser.parse_args(argv)
-    print_stats(build(args.out, seed=args.seed, size=args.size))
+    print_stats(build(args.out, seed=args.seed, size=args.size, think=args.think))
     print(f"wrote {args.out}")
 
 

@@ -174,7 +174,63 @@ def test_the_stage_readers_load_every_record(built):
     tok, spec = load_tokenizer(), datasets.ImageTokens(image_size=56, tokens_per_tile=16)
     sizes = {"1": len(read_jsonl(out / "captions.jsonl")),
              "2": len(read_jsonl(out / "interleaved.jsonl")) + len(read_jsonl(out / "text.jsonl")),
-             "3": len(read_jsonl(out / "conversations.jsonl")) + len(read_jsonl(out / "text_conversations.jsonl"))}
+             "3": len(read_jsonl(out / "conversations.jsonl")) + len(read_jsonl(out / "modality_drills.jsonl"))
+             + len(read_jsonl(out / "text_conversations.jsonl"))}
     for stage in (1, 2, 3):
         loaded = datasets.load_dataset(str(out / f"stage{stage}.json"), stage, tok, spec)
         assert len(loaded.samples) == sizes[str(stage)]
+
+
+def test_modality_analysis_and_drills(built):
+    """Every modality question (three forms) first names the image's modality in its analysis message, and the
+    text-only drills answer each form consistently with the modality the user states."""
+    out, _ = built
+    truth = {s.name: s.modality for s in demo.SOURCES}
+    yes_no_forms = {demo.YES_NO_TEMPLATE.format(name) for name in demo.CAPTION_NAMES.values()}
+    n_thinking = 0
+    for row in read_jsonl(out / "conversations.jsonl"):
+        question, reply = row["conversations"][0]["value"], row["conversations"][1]
+        source = os.path.basename(row["image"]).rsplit("_", 1)[0]
+        asked = question.split("\n")[1]
+        if asked in demo.MODALITY_QUESTIONS or asked in yes_no_forms or asked == "Which imaging modality is shown?":
+            assert reply["thinking"] == f"Modality: {truth[source]}"
+            n_thinking += 1
+        else:
+            assert "thinking" not in reply
+    assert n_thinking > 300
+    names = {v: k for k, v in demo.CAPTION_NAMES.items()}
+    for row in read_jsonl(out / "modality_drills.jsonl"):
+        lines = row["conversations"][0]["value"].split("\n")
+        modality = lines[0].removeprefix("The image is described as: ").removesuffix(".")
+        reply = row["conversations"][1]
+        assert reply["thinking"] == f"Modality: {modality}"
+        if lines[-1].startswith("Answer yes"):
+            asked = names[lines[1].removeprefix("Is this a ").removesuffix(" image?")]
+            assert reply["value"] == ("yes" if asked == modality else "no")
+        elif "letter" in lines[-1]:
+            options = dict(line.split(". ", 1) for line in lines[2:-1])
+            assert options[reply["value"]] == modality
+        else:
+            assert reply["value"] == modality
+
+
+def test_no_think_build_has_the_same_questions_without_analysis(built, tmp_path):
+    """--no-think: the same image chats (ids, questions, answers) minus the analysis messages, no drills, and a
+    stage3.json that names only files with rows (stage 3 loads it)."""
+    from data import datasets
+    from data.tokenizer import load_tokenizer
+    out, _ = built
+    demo.build(str(tmp_path), seed=1337, size=64, think=False)
+    plain = read_jsonl(tmp_path / "conversations.jsonl")
+    thinking = read_jsonl(out / "conversations.jsonl")
+    assert [r["id"] for r in plain] == [r["id"] for r in thinking]
+    for a, b in zip(plain, thinking):
+        assert "thinking" not in a["conversations"][1]
+        assert a["conversations"][0] == b["conversations"][0]
+        assert a["conversations"][1]["value"] == b["conversations"][1]["value"]
+    with open(tmp_path / "stage3.json") as f:
+        paths = [d["path"] for d in json.load(f)["datasets"]]
+    assert paths == ["conversations.jsonl", "text_conversations.jsonl"]
+    spec = datasets.ImageTokens(image_size=56, tokens_per_tile=16)
+    loaded = datasets.load_dataset(str(tmp_path / "stage3.json"), 3, load_tokenizer(), spec)
+    assert len(loaded.samples) == len(plain) + len(read_jsonl(tmp_path / "text_conversations.jsonl"))
