@@ -726,7 +726,7 @@ def _fill_params(params, name_to_file, path, hint, ignored=()):
 # - Loading streams tensor by tensor into meta-allocated parameters (GPT's _copy_rows / _copy_mxfp4), so a
 #   LLaVA directory with MXFP4 experts loads without ever holding two copies of the model.
 # - The stages' sharded start (training.build_model: meta device + zero.SafetensorsReader) needs configs and names
-#   without weights: MedGPTConfig.from_parts, clip_vision_config, llava_layout, and new_projector (from_parts' own
+#   without weights: MedGPTConfig.from_parts, vision.read_vision_config, llava_layout, new_projector (from_parts' own
 #   seeded projector init, so both starts give the same values).
 
 import vision as vision_lib  # noqa: E402  (the composite's section of this file starts here)
@@ -807,29 +807,10 @@ class MedGPTConfig:
     def from_parts(cls, lm_path, clip_path, **llava_fields):
         """The config MedGPT.from_parts builds, from the two directories' config.json alone (no weights read):
         the meta-device start of stage 1 (training.build_model)."""
-        config = cls(text=GPTConfig.from_json(lm_path), vision=clip_vision_config(clip_path)[0], **llava_fields)
+        vision_config = vision_lib.read_vision_config(clip_path)[0]
+        config = cls(text=GPTConfig.from_json(lm_path), vision=vision_config, **llava_fields)
         config.validate(f"MedGPT.from_parts({lm_path!r}, {clip_path!r})")
         return config
-
-
-def clip_vision_config(clip_path):
-    """(CLIPVisionConfig, candidate checkpoint prefixes of its tensors) of a CLIPModel, CLIPVisionModel or LLaVA
-    directory, from its config.json as vision.CLIPVision.from_pretrained reads it, without reading weights."""
-    config_path = os.path.join(clip_path, "config.json")
-    hf_config = vision_lib.read_json(config_path)
-    model_type = hf_config.get("model_type")
-    if model_type not in vision_lib.VISION_PREFIXES:
-        raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' or 'llava'")
-    if model_type == "clip_vision_model":
-        tower = hf_config
-    elif model_type == "llava" and hf_config.get("vision_config") is None:
-        tower = vision_lib.CLIPVisionConfig().to_hf()  # LlavaConfig's default vision tower: ViT-L/14-336
-    else:
-        tower = hf_config.get("vision_config") or {}
-    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise ValueError(f"{config_path}: vision_config.model_type is {tower.get('model_type')!r}; "
-                         f"only 'clip_vision_model' is supported")
-    return vision_lib.CLIPVisionConfig.from_hf(tower, config_path), vision_lib.VISION_PREFIXES[model_type]
 
 
 def new_projector(config, seed, dtype=torch.float32, device="cpu"):

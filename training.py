@@ -462,7 +462,8 @@ def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
     CLIPVisionModel or LLaVA layout), the projector freshly initialised from `seed` (model.new_projector: the
     same values on every rank and as from_parts)."""
     import zero
-    from model import MedGPTConfig, checkpoint_files, clip_vision_config, new_projector
+    import vision
+    from model import MedGPTConfig, checkpoint_files, new_projector
     config = MedGPTConfig.from_parts(lm_path, clip_path)
     model = meta_model(config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -473,7 +474,7 @@ def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
     if any(f.endswith(".safetensors") for f in os.listdir(clip_path)):
         probe = "embeddings.patch_embedding.weight"
         keys = checkpoint_files(clip_path)
-        prefixes = clip_vision_config(clip_path)[1]
+        prefixes = vision.read_vision_config(clip_path)[1]
         prefix = next((p for p in prefixes if p + probe in keys), None)
         if prefix is None:
             raise ValueError(f"{clip_path}: no vision tower found (looked for {[p + probe for p in prefixes]})")
@@ -481,7 +482,6 @@ def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
                                                rename=lambda name: prefix + name.removeprefix("vision_tower."))
         vision_reader.check(vision_names)  # a CLIPModel holds the text tower too: other tensors are fine
     else:  # pytorch_model.bin: no ranged reads; the tower (0.3B parameters for ViT-L) is loaded whole
-        import vision
         tower = vision.CLIPVision.from_pretrained(clip_path, dtype=torch.float32)
         vision_reader = tensor_reader({"vision_tower." + n: t for n, t in tower.state_dict().items()})
     projector = new_projector(config, seed)

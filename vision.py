@@ -355,29 +355,33 @@ class CLIPVision(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """A CLIPModel, CLIPVisionModel or LLaVA directory (config.json + safetensors) -> CLIPVision."""
-        config_path = os.path.join(path, "config.json")
-        hf_config = read_json(config_path)
-        model_type = hf_config.get("model_type")
-        if model_type == "clip_vision_model":
-            vision_config = hf_config
-        elif model_type in ("clip", "llava"):
-            if model_type == "llava" and hf_config.get("vision_config") is None:
-                vision_config = CLIPVisionConfig().to_hf()  # LlavaConfig's default vision tower: ViT-L/14-336
-            else:
-                vision_config = hf_config.get("vision_config") or {}
-        else:
-            raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' "
-                             f"or 'llava'")
-        if vision_config.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"{config_path}: vision_config.model_type is {vision_config.get('model_type')!r}; "
-                             f"only 'clip_vision_model' is supported")
-        config = CLIPVisionConfig.from_hf(vision_config, config_path)
+        config, prefixes = read_vision_config(path)
         with torch.device("meta"):
             model = cls(config)
-        state = load_prefixed(path, VISION_PREFIXES[model_type])
+        state = load_prefixed(path, prefixes)
         state.pop("embeddings.position_ids", None)  # a buffer older checkpoints saved; positions are 0..T-1
         load_exact(model, state, path, dtype, device)
         return model
+
+
+def read_vision_config(path):
+    """(CLIPVisionConfig, candidate prefixes of the tower's tensors) of a CLIPModel, CLIPVisionModel or LLaVA
+    directory, from its config.json alone (no weights read)."""
+    config_path = os.path.join(path, "config.json")
+    hf_config = read_json(config_path)
+    model_type = hf_config.get("model_type")
+    if model_type not in VISION_PREFIXES:
+        raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' or 'llava'")
+    if model_type == "clip_vision_model":
+        tower = hf_config
+    elif model_type == "llava" and hf_config.get("vision_config") is None:
+        tower = CLIPVisionConfig().to_hf()  # LlavaConfig's default vision tower: ViT-L/14-336
+    else:
+        tower = hf_config.get("vision_config") or {}
+    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"{config_path}: vision_config.model_type is {tower.get('model_type')!r}; "
+                         f"only 'clip_vision_model' is supported")
+    return CLIPVisionConfig.from_hf(tower, config_path), VISION_PREFIXES[model_type]
 
 
 # Where a vision tower's weights live in each kind of checkpoint, tried in order (older layouts first).

@@ -435,7 +435,7 @@ def test_clip_config_without_weights_equals_the_loaders(parts):
     import vision
     for name in ("clip", "clip_bin", "clip_vision", "llava"):
         path = str(parts["root"] / name)
-        assert M.clip_vision_config(path)[0] == vision.CLIPVision.from_pretrained(path).config, name
+        assert vision.read_vision_config(path)[0] == vision.CLIPVision.from_pretrained(path).config, name
 
 
 def launch_worker(mode, cases, out, tag, nproc=2, **extra):
