@@ -33,7 +33,6 @@ Design choices
 """
 import argparse
 import json
-import math
 import os
 import platform
 import signal
