@@ -1,6 +1,7 @@
 """
 What the three MedGPT-oss training stages share: configuration, the learning-rate schedule, the step loop,
-logging, the non-finite guard and the checkpoint glue. Each train_stageN.py reads top to bottom and calls in here.
+logging, the non-finite guard and the checkpoint glue. Each train_stageN.py holds its design notes and recipe
+(presets) and calls `run_stage`, the steps every stage takes, in order.
 
 Design choices
 - One flat dataclass, `TrainConfig`, holds every key of every stage. A preset is a plain dict of overrides per
