@@ -249,31 +249,16 @@ def randomise(module, seed):
 
 
 def to_mxfp4(src, dst, seed=0):
-    """A dense gpt-oss directory rewritten in the released format: experts as random MXFP4 blocks/scales (uint8,
-    (E, out, in/32, 16) and (E, out, in/32)), everything else bf16. Returns {expert name: transformers' dequantised
+    """A dense gpt-oss directory rewritten in the released format (test_model.write_mxfp4_checkpoint: experts as
+    random MXFP4 blocks/scales, everything else bf16). Returns {expert name: transformers' dequantised
     (E, in, out)}, the reference values."""
-    from safetensors.torch import save_file
+    from test_model import write_mxfp4_checkpoint
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-    tensors = load_file(os.path.join(src, "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    dense = {}
-    for name in list(tensors):
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            E, n_in, n_out = tensors.pop(name).shape
-            blocks = torch.randint(0, 256, (E, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
-            scales = torch.randint(121, 130, (E, n_out, n_in // 32), generator=g, dtype=torch.uint8)
-            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
-            dense[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # (E, in, out)
-        else:
-            tensors[name] = tensors[name].to(torch.bfloat16)
-    os.makedirs(dst, exist_ok=True)
-    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dense
+    write_mxfp4_checkpoint(src, dst, seed)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    return {name.removesuffix("_blocks"): convert_moe_packed_tensors(  # (E, in, out)
+        tensors[name], tensors[name.removesuffix("_blocks") + "_scales"], dtype=torch.float32)
+        for name in tensors if name.endswith("_blocks")}
 
 
 @pytest.fixture(scope="module")
