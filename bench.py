@@ -122,11 +122,15 @@ def bench_lm(a):
               f"   (ranges: ours {spread['ours'][0]:.0f}-{spread['ours'][1]:.0f}, "
               f"transformers {spread['transformers'][0]:.0f}-{spread['transformers'][1]:.0f})")
         result[what] = {"ours": med["ours"], "transformers": med["transformers"], "ratio": ratio,
-                        "max_ratio_same_matmuls": bound[what]}
-    print(f"bound: transformers spends {100 / bound['train']:.0f}% (train) and {100 / bound['decode']:.0f}% (decode) "
-          f"of its time in matrix products (mm/addmm/bmm); an implementation doing the same products at the same "
-          f"speed and nothing else would reach at most {bound['train']:.2f}x (train) and {bound['decode']:.2f}x "
-          f"(decode)")
+                        "max_ratio_same_matmuls": bound[what][0], "max_ratio_at_peak": bound[what][1]}
+    (train_same, train_peak, train_flops), (decode_same, decode_peak, _) = bound["train"], bound["decode"]
+    print(f"bound: transformers spends {100 / train_same:.0f}% (train) and {100 / decode_same:.0f}% (decode) of its "
+          f"time in matrix products (mm/addmm/bmm); doing the same products at the speed transformers gets and "
+          f"nothing else would reach {train_same:.2f}x (train) and {decode_same:.2f}x (decode). Ours decodes past "
+          f"that by spreading each one-row product over the threads (kernels.rows_matmul)")
+    print(f"compute floor: a training step is {train_flops / 1e9:.1f} GFLOP of products; at this CPU's measured fp32 "
+          f"matmul peak they alone allow at most {train_peak:.2f}x transformers' step (decode: {decode_peak:.1f}x; "
+          f"it is bound by reading weights, not FLOPs)")
     for k in models:
         print(f"peak RSS increase, {k:12s}: train step {mem[k]['train_mib']:8.1f} MiB, "
               f"decode {mem[k]['decode_mib']:8.1f} MiB (model {mem[k]['model_mib']:.1f} MiB)")
@@ -139,22 +143,29 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_g
 
 
 def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
-    """How fast could any implementation of the same math be? transformers' time for one training step (or one
-    greedy decode) divided by the time its matrix products alone take (profiler self time, median of 3). Both
-    implementations do the same products (same FLOPs, fp32), so this is the ratio to beat with zero overhead."""
+    """How fast could an implementation of the same math be? Returns (same_speed, at_peak):
+    same_speed: transformers' time for one training step (or one greedy decode) over the time its matrix products
+    alone take (profiler self time, median of 3): the ratio to beat with zero overhead, doing the same products
+    (same FLOPs, fp32) at the speed transformers gets from them;
+    at_peak: transformers' time over the time those products' FLOPs (profiler count) take at this CPU's measured
+    fp32 matmul peak (training.measure_cpu_peak_tflops): the ratio no implementation of the same FLOPs can pass."""
     from torch.profiler import profile
-    ratios = []
+    import training
+    ratios, flops = [], []
     for _ in range(3):
         hf.train() if what == "train" else hf.eval()
         t0 = clock()
         lm_train_step("hf", hf, opt, idx, targets) if what == "train" else lm_decode("hf", hf, prompt, a["new_tokens"])
         total = clock() - t0
-        with profile() as prof:
+        with profile(with_flops=True) as prof:
             lm_train_step("hf", hf, opt, idx, targets) if what == "train" else lm_decode("hf", hf, prompt,
                                                                                           a["new_tokens"])
-        matmul_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS)
-        ratios.append(total / (matmul_us * 1e-6))
-    return statistics.median(ratios)
+        matmuls = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
+        ratios.append((total, sum(e.self_cpu_time_total for e in matmuls) * 1e-6))
+        flops.append(sum(e.flops for e in matmuls))
+    peak_flops = training.measure_cpu_peak_tflops(torch.float32) * 1e12
+    total = statistics.median(t for t, _ in ratios)
+    return statistics.median(t / m for t, m in ratios), total / (statistics.median(flops) / peak_flops), flops[0]
 
 
 def lm_peak_memory(a, impl):

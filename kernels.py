@@ -218,14 +218,22 @@ def rms_norm(x, weight, eps=1e-5):
 # RoPE (rotate halves, not interleaved pairs)
 
 
-def apply_rope_torch(x, cos, sin):
-    """x (B, T, H, D); cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor."""
+def rope_tables(cos, sin, dtype):
+    """cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor -> the full-width tables
+    apply_rope_torch multiplies by, [cos, cos] and [-sin, sin], each (B or 1, T, 1, D) in dtype. Make them once
+    when several tensors share the positions (GPT.decode_step: every layer's q and k)."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]  # (1, T, D/2)
+    return (torch.cat((cos, cos), dim=-1)[:, :, None, :].to(dtype),  # (B, T, 1, D)
+            torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype))
+
+
+def apply_rope_torch(x, cos, sin, tables=None):
+    """x (B, T, H, D); cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor; tables:
+    rope_tables(cos, sin, x.dtype) when precomputed."""
+    cos, sin = rope_tables(cos, sin, x.dtype) if tables is None else tables
     # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]: the same products
     # and sums (so the same bits), in fewer ops; rolling by D/2 swaps the halves
-    cos = torch.cat((cos, cos), dim=-1)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
-    sin = torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(x.dtype)  # (B, T, 1, D)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -279,12 +287,14 @@ class _RoPETriton(torch.autograd.Function):
         return _rope_launch(dy, cos, sin, -1.0), None, None  # the transpose of a rotation is the inverse
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, sin, tables=None):
+    """tables: rope_tables(cos, sin, x.dtype) made once for several calls (the torch path uses them; Triton reads
+    cos and sin)."""
     if _use_triton(x):
         if x.shape[-1] % 2:
             raise ValueError(f"apply_rope: head dim {x.shape[-1]} must be even (RoPE rotates halves)")
         return _RoPETriton.apply(x, cos, sin)
-    return apply_rope_torch(x, cos, sin)
+    return apply_rope_torch(x, cos, sin, tables)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,14 +594,18 @@ def _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask):
     if window and S > window:  # visible: S - window < j <= S - 1
         k, v = k[:, S - window:], v[:, S - window:]
         key_mask = key_mask[:, S - window:] if key_mask is not None else None
-    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)  # (B, 1, Hq, D) -> (B, Hkv, G, D): head h = kv head h // G
-    scores = qg @ k.float().permute(0, 2, 3, 1) * sm_scale  # (B, Hkv, G, D) @ (B, Hkv, D, S) -> (B, Hkv, G, S)
+        S = window
+    G = Hq // Hkv
+    qg = q.float().reshape(B * Hkv, G, D)  # (B, 1, Hq, D) -> (B*Hkv, G, D): head h = kv head h // G
+    kt = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, S)  # (B, S, Hkv, D) -> (B*Hkv, D, S)
+    scores = torch.bmm(qg, kt).mul_(sm_scale).view(B, Hkv, G, S)  # (B*Hkv, G, S) -> (B, Hkv, G, S)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-    sink = sinks.float().view(1, Hkv, Hq // Hkv, 1).expand(B, -1, -1, -1)  # (B, Hkv, G, 1)
+    sink = sinks.float().view(1, Hkv, G, 1).expand(B, -1, -1, -1)  # (B, Hkv, G, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # the sink column takes no value
-    out = probs @ v.float().transpose(1, 2)  # (B, Hkv, G, S) @ (B, Hkv, S, D) -> (B, Hkv, G, D)
-    return out.view(B, 1, Hq, D).to(q.dtype)  # (B, Hkv, G, D) -> (B, 1, Hq, D)
+    vs = v.float().permute(0, 2, 1, 3).reshape(B * Hkv, S, D)  # (B, S, Hkv, D) -> (B*Hkv, S, D)
+    out = torch.bmm(probs.reshape(B * Hkv, G, S), vs)  # (B*Hkv, G, S) @ (B*Hkv, S, D) -> (B*Hkv, G, D)
+    return out.view(B, 1, Hq, D).to(q.dtype)  # (B*Hkv, G, D) -> (B, 1, Hq, D)
 
 
 def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=None):
@@ -695,48 +709,71 @@ def swiglu(gate_up, limit=7.0, alpha=1.702):
 # MoE experts: tokens bucketed by expert, one matmul per expert
 
 
-GROUPED_MM_MAX_SLOTS = 64  # up to this many (token, expert) slots the CPU torch path uses torch._grouped_mm
+def rows_matmul(x, w, bias=None):
+    """x (M, K) @ w (K, N) (+ bias (N,)) for a few rows (decoding). MKL runs a product of one row on one thread,
+    while decoding's whole cost is reading the weights: with P CPU threads an fp32 product whose weight is worth it
+    (64K elements or more: not a router's) is split along K into one bmm of P pieces, whose batch MKL spreads over
+    the threads, and the P partial products are summed (so the rounding depends on P). Two cores read an expert's
+    256 x 512 fp32 weight in ~37 us this way, one in ~53 us; the 256 x 8192 unembedding in ~280 vs ~410 us.
+    (Splitting the columns instead was slower in the whole decode, 3.85 vs 3.49 ms/token: bench.py --what=lm.)"""
+    M, K = x.shape
+    P = torch.get_num_threads()
+    if P == 1 or K % P or w.numel() < 2**16 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return x @ w if bias is None else torch.addmm(bias, x, w)
+    pieces = x.view(P, 1, K // P) if M == 1 else x.view(M, P, K // P).transpose(0, 1)  # (P, M, K/P)
+    y = torch.bmm(pieces, w.view(P, K // P, -1)).sum(0)  # (P, M, K/P) @ (P, K/P, N) -> (P, M, N) -> (M, N)
+    return y if bias is None else y + bias
 
 
-def _grouped_mm_fits(x, gate_up_proj, down_proj):
-    """torch._grouped_mm on CPU: one dtype, contiguous weights, every row stride a multiple of 16 bytes."""
-    I, H = down_proj.shape[1], down_proj.shape[2]
-    row_bytes = [H * x.element_size(), I * x.element_size(), 2 * I * x.element_size()]
-    return (x.device.type == "cpu" and hasattr(torch, "_grouped_mm")
-            and x.dtype == gate_up_proj.dtype == down_proj.dtype
-            and gate_up_proj.is_contiguous() and down_proj.is_contiguous() and all(b % 16 == 0 for b in row_bytes))
+FEW_SLOTS = 64  # up to this many (token, expert) slots (decoding), the torch path runs slot by slot
+
+
+def _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                           limit, alpha):
+    """Decoding's handful of slots: one product per slot and projection on its expert's weights (rows_matmul), in
+    slot order, so no sorting, gathering or scattering: decoding a small model on a CPU is bound by reading the
+    weights and by the number of ops, not by FLOPs (one torch._grouped_mm per projection, the previous form, was
+    ~15% slower per MoE layer on one thread, and it cannot use a second one)."""
+    N, K = topk_idx.shape
+    flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
+    experts = flat_expert.tolist()  # a host sync on GPUs
+    rows = x.split(1)  # N views (1, H)
+    h = torch.cat([rows_matmul(rows[s // K], gate_up_proj[e]) for s, e in enumerate(experts)])  # (N*K, 2I)
+    h = swiglu_torch(h + gate_up_proj_bias[flat_expert], limit, alpha).split(1)  # N*K views (1, I)
+    y = torch.cat([rows_matmul(h[s], down_proj[e]) for s, e in enumerate(experts)]) + down_proj_bias[flat_expert]
+    return (y.view(N, K, -1) * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)  # (N*K, H) -> (N, K, H)
 
 
 def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                      limit=7.0, alpha=1.702):
+                      limit=7.0, alpha=1.702, decoding=False):
     """x (N, H); topk_idx, topk_weight (N, K); gate_up_proj (E, H, 2I), gate_up_proj_bias (E, 2I);
     down_proj (E, I, H), down_proj_bias (E, H). Returns (N, H): sum_k weight_k * expert_{idx_k}(x).
 
     Slots (token, choice) are sorted by expert and gathered once; each expert's rows go through addmm, SwiGLU,
-    addmm; or, for a few slots on CPU (decoding), all experts at once through one torch._grouped_mm per projection
-    (a handful of ops in all, and no weight copies). Gathers are index_select: its backward is index_add."""
+    addmm. decoding=True (GPT.decode_step, no autograd) with up to FEW_SLOTS slots runs slot by slot instead
+    (_moe_experts_few_slots, whose rounding depends on the thread count; training and prefill keep one summation
+    order on any number of processes and threads). Gathers are index_select: its backward is index_add."""
     N, K = topk_idx.shape
     E, H = gate_up_proj.shape[0], x.shape[1]
     if N == 0:
         return torch.zeros_like(x)
+    if decoding and N * K <= FEW_SLOTS:
+        return _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
+                                      down_proj_bias, limit, alpha)
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
     x_sorted = x.index_select(0, order // K)  # (N*K, H)
-    if N * K <= GROUPED_MM_MAX_SLOTS and _grouped_mm_fits(x, gate_up_proj, down_proj):
-        ends = torch.cumsum(torch.bincount(flat_expert, minlength=E), 0).to(torch.int32)  # (E,) last row + 1
-        expert_sorted = flat_expert[order]  # (N*K,)
-        h = torch._grouped_mm(x_sorted, gate_up_proj, offs=ends) + gate_up_proj_bias[expert_sorted]  # (N*K, 2I)
-        h = swiglu_torch(h, limit, alpha)  # (N*K, I)
-        y_sorted = torch._grouped_mm(h, down_proj, offs=ends) + down_proj_bias[expert_sorted]  # (N*K, H)
-    else:
-        counts = torch.bincount(flat_expert, minlength=E).tolist()  # a host sync on GPUs (the reference path)
-        experts, rows = [e for e, n in enumerate(counts) if n], [n for n in counts if n]
-        y_sorted = []
-        # split, not slices: autograd joins split gradients with one cat instead of a zero-filled tensor per slice
-        for e, x_e in zip(experts, x_sorted.split(rows)):
-            h = swiglu_torch(torch.addmm(gate_up_proj_bias[e], x_e, gate_up_proj[e]), limit, alpha)  # (n_e, I)
-            y_sorted.append(torch.addmm(down_proj_bias[e], h, down_proj[e]))  # (n_e, H)
-        y_sorted = torch.cat(y_sorted)  # (N*K, H)
+    counts = torch.bincount(flat_expert, minlength=E).tolist()  # a host sync on GPUs (the reference path)
+    experts, rows = [e for e, n in enumerate(counts) if n], [n for n in counts if n]
+    y_sorted = []
+    # split and unbind, not slices and indexing: autograd joins their gradients with one cat or stack, instead of
+    # zero-filling a full-size tensor per slice (per expert: E copies of every expert parameter)
+    gate_up, gate_up_bias, down, down_bias = (p.unbind(0) for p in (gate_up_proj, gate_up_proj_bias, down_proj,
+                                                                     down_proj_bias))
+    for e, x_e in zip(experts, x_sorted.split(rows)):
+        h = swiglu_torch(torch.addmm(gate_up_bias[e], x_e, gate_up[e]), limit, alpha)  # (n_e, I)
+        y_sorted.append(torch.addmm(down_bias[e], h, down[e]))  # (n_e, H)
+    y_sorted = torch.cat(y_sorted)  # (N*K, H)
     y = y_sorted.index_select(0, torch.argsort(order)).view(N, K, H)  # back in slot order, (N*K, H) -> (N, K, H)
     return (y * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
@@ -912,7 +949,8 @@ def _moe_experts_triton(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bia
 
 
 def moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                limit=7.0, alpha=1.702):
+                limit=7.0, alpha=1.702, decoding=False):
+    """decoding=True: a few new tokens per call without autograd (see moe_experts_torch); Triton ignores it."""
     if _use_triton(x):
         if x.dtype != gate_up_proj.dtype or x.dtype != down_proj.dtype:
             raise TypeError(f"moe_experts: x is {x.dtype} but the expert weights are {gate_up_proj.dtype} and "
@@ -920,7 +958,7 @@ def moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_
         return _moe_experts_triton(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
                                    down_proj_bias, limit, alpha)
     return moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
-                             down_proj_bias, limit, alpha)
+                             down_proj_bias, limit, alpha, decoding)
 
 
 # ----------------------------------------------------------------------------------------------------------

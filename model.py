@@ -14,8 +14,11 @@ Design choices
 - Loading streams tensor by tensor: each safetensors file is opened per tensor (so its memory map never holds more
   than one tensor), MXFP4 experts are dequantised one expert at a time straight into the parameter. Peak memory is
   the model plus about one tensor.
-- Generation: a preallocated KV cache for full-attention layers; sliding layers keep only the last window - 1 keys
-  (all a new query can still see besides itself). Prompts of different lengths are LEFT-padded (see GPT.generate).
+- Generation: KV caches allocated once and written in place: every position for full-attention layers, a ring of
+  `window` slots for sliding ones (memory bounded by the window). After the prompt, each new token goes through
+  GPT.decode_step: the blocks' math for one position in as few ops as possible, with q/k/v fused and the weights it
+  multiplies by copied once per generate() into the (in, out) layout that one-row products read fastest on a CPU.
+  Prompts of different lengths are LEFT-padded (see GPT.generate).
 - Training: the loss is computed by kernels.linear_cross_entropy from the final hidden states (no (B, T, V) logits);
   in training mode router_aux_loss_coef * load-balancing loss (Switch style, as transformers computes it) is added.
 """
@@ -370,20 +373,24 @@ def load_balancing_loss(router_logits, num_experts, top_k):
 
 
 class KVCache:
-    """Keys and values of one layer for incremental decoding.
+    """Keys and values of one layer for incremental decoding, in buffers allocated once and written in place.
 
-    Full-attention layers: preallocated (B, max_len, nkv, hd) buffers, filled up to `length`.
-    Sliding layers: only the last window - 1 keys are kept (memory bounded by the window); a new query sees those and
-    itself. `key_mask (B, max_len)` (None = no padding) marks real keys, indexed by absolute slot.
+    Full-attention layers: (B, max_len, nkv, hd), position p in slot p.
+    Sliding layers: a ring of `window` slots, position p in slot p % window: memory bounded by the window. One new
+    position sees exactly the ring (itself and the window - 1 positions before it); the ring is returned as it lies,
+    out of position order, which attention does not mind (a softmax over keys is order-free). Several new positions
+    (a prompt) see the window - 1 positions before them in order, then themselves.
+    key_mask (B, max_len) (None = no padding) marks real keys by absolute position.
     """
 
     def __init__(self, batch, max_len, n_kv_head, head_dim, window, dtype, device, key_mask=None):
         self.window, self.length, self.key_mask = window, 0, key_mask
-        if window:
-            self.k = self.v = None
-        else:
-            self.k = torch.empty(batch, max_len, n_kv_head, head_dim, dtype=dtype, device=device)
-            self.v = torch.empty_like(self.k)
+        slots = min(window, max_len) if window else max_len
+        self.k = torch.zeros(batch, slots, n_kv_head, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        # sliding layers with padding: the key mask of the position each ring slot holds
+        self.slot_mask = None if key_mask is None or not window else torch.zeros(batch, slots, dtype=torch.bool,
+                                                                                  device=device)
 
     def update(self, k, v):
         """Append k, v (B, T, nkv, hd); return the keys, values (B, S, nkv, hd) and key mask (B, S) to attend to."""
@@ -392,15 +399,26 @@ class KVCache:
         if not self.window:
             self.k[:, start:end] = k
             self.v[:, start:end] = v
-            k_all, v_all = self.k[:, :end], self.v[:, :end]
-        else:
-            if self.k is not None:
-                k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)  # (B, kept + T, nkv, hd)
-            keep = self.window - 1
-            self.k, self.v = k[:, -keep:] if keep else k[:, :0], v[:, -keep:] if keep else v[:, :0]
-            k_all, v_all = k, v
-        mask = None if self.key_mask is None else self.key_mask[:, end - k_all.shape[1]:end]
-        return k_all, v_all, mask
+            return self.k[:, :end], self.v[:, :end], None if self.key_mask is None else self.key_mask[:, :end]
+        slots = self.k.shape[1]
+        if T == 1:  # decoding: write the ring slot, attend to the ring
+            slot, n = start % slots, min(end, slots)
+            self.k[:, slot] = k[:, 0]
+            self.v[:, slot] = v[:, 0]
+            if self.slot_mask is None:
+                return self.k[:, :n], self.v[:, :n], None
+            self.slot_mask[:, slot] = self.key_mask[:, start]
+            return self.k[:, :n], self.v[:, :n], self.slot_mask[:, :n]
+        first = max(0, start - (self.window - 1))  # the earliest kept position the first new query still sees
+        kept = torch.arange(first, start, device=k.device) % slots  # (start - first,) their slots, in position order
+        k_all = torch.cat([self.k[:, kept], k], dim=1)  # (B, start - first + T, nkv, hd)
+        v_all = torch.cat([self.v[:, kept], v], dim=1)
+        stored = torch.arange(max(start, end - slots), end, device=k.device)  # (m,) the new positions that stay
+        self.k[:, stored % slots] = k[:, stored - start]
+        self.v[:, stored % slots] = v[:, stored - start]
+        if self.slot_mask is not None:
+            self.slot_mask[:, stored % slots] = self.key_mask[:, stored]
+        return k_all, v_all, None if self.key_mask is None else self.key_mask[:, first:end]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -541,12 +559,14 @@ class GPT(nn.Module):
         stops = None if not stop_tokens else torch.as_tensor(list(stop_tokens), device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         fill = self.config.pad_token_id
+        head, layers = self.decode_weights()
         h, _ = self.hidden_states(idx if inputs_embeds is None else None, inputs_embeds,
                                   position_ids=positions[..., :T], caches=caches)
         x = h[:, -1]  # (B, H): only the last position's logits are needed
         n = 0
         while n < max_new_tokens:
-            next_token = sample_next(self.lm_head(x), temperature, top_k, generator)  # (B,)
+            logits = kernels.rows_matmul(x, head)  # (B, H) @ (H, V)
+            next_token = sample_next(logits, temperature, top_k, generator)  # (B,)
             if stops is not None:
                 row_fill = next_token if fill is None else torch.full_like(next_token, fill)
                 next_token = torch.where(finished, row_fill, next_token)
@@ -555,9 +575,52 @@ class GPT(nn.Module):
             n += 1
             if n == max_new_tokens or (stops is not None and bool(finished.all())):
                 break
-            h, _ = self.hidden_states(next_token[:, None], position_ids=positions[..., T + n - 1:T + n], caches=caches)
-            x = h[:, -1]
+            x = self.decode_step(self.model.embed_tokens(next_token), positions[..., T + n - 1:T + n], caches, layers)
         return out[:, :T + n] if idx is not None else out[:, T:T + n]
+
+    def decode_weights(self):
+        """The weights a decoding step multiplies by, laid out for one-row products: per layer q, k and v fused into
+        one (H, (nh + 2 nkv) hd) matrix with its bias, o_proj's and the router's weights transposed to (in, out);
+        and the unembedding as (H, V). On a CPU, MKL's one-row product reads an (in, out) matrix up to 2.6x faster
+        than an (out, in) one (8192 x 256 fp32: 456 vs 1181 us), and one fused product is one op instead of three.
+        These are copies: one pass over the non-expert weights per generate() call, held while it runs."""
+        def in_out(w):  # (out, in) -> contiguous (in, out)
+            return w.t().contiguous()
+
+        def bias(linear):
+            return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.weight.shape[0])
+
+        layers = []
+        for block in self.model.layers:
+            a, router = block.self_attn, block.mlp.router
+            qkv = in_out(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))  # (H, (nh + 2 nkv) hd)
+            qkv_bias = torch.cat([bias(a.q_proj), bias(a.k_proj), bias(a.v_proj)])  # ((nh + 2 nkv) hd,)
+            layers.append((qkv, qkv_bias, in_out(a.o_proj.weight), bias(a.o_proj), in_out(router.weight)))
+        return in_out(self.lm_head.weight), layers
+
+    def decode_step(self, x, position_ids, caches, layers):
+        """Every block for one new position per row: Block.forward's math in as few torch ops as possible, since
+        decoding a small model on a CPU is bound by the number of ops, not by FLOPs (bench.py --what=lm).
+        x (B, H) the new tokens' embeddings; position_ids (1,) or (B, 1); layers from decode_weights().
+        Returns the final-normed hidden states (B, H)."""
+        c = self.config
+        B, nh, nkv, hd, eps = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        cos, sin = self.rope(position_ids, x.device)
+        rope = kernels.rope_tables(cos, sin, x.dtype)  # shared by every layer
+        for block, cache, (qkv_w, qkv_b, o_w, o_b, router_w) in zip(self.model.layers, caches, layers):
+            attn, router, experts = block.self_attn, block.mlp.router, block.mlp.experts
+            h = kernels.rms_norm(x, block.input_layernorm.weight, eps)
+            qkv = kernels.rows_matmul(h, qkv_w, qkv_b).view(B, 1, nh + 2 * nkv, hd)  # (B, 1, nh + 2 nkv, hd)
+            qk = kernels.apply_rope(qkv[:, :, :nh + nkv], cos, sin, rope)  # query and key heads rotated at once
+            k, v, key_mask = cache.update(qk[:, :, nh:], qkv[:, :, nh + nkv:])  # (B, S, nkv, hd)
+            y = kernels.attention(qk[:, :, :nh], k, v, attn.sinks, window=attn.window, key_mask=key_mask)
+            x = x + kernels.rows_matmul(y.reshape(B, nh * hd), o_w, o_b)  # (B, 1, nh, hd) -> (B, nh * hd) -> (B, H)
+            h = kernels.rms_norm(x, block.post_attention_layernorm.weight, eps)
+            top_logits, top_idx = torch.topk(kernels.rows_matmul(h, router_w, router.bias), router.top_k, dim=-1)
+            x = x + kernels.moe_experts(h, top_idx, torch.softmax(top_logits, dim=-1), experts.gate_up_proj,
+                                        experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
+                                        experts.limit, experts.alpha, decoding=True)  # (B, K) routing -> (B, H)
+        return kernels.rms_norm(x, self.model.norm.weight, eps)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):

@@ -456,12 +456,12 @@ def test_moe_experts_matches_reference_and_transformers(triton_path):
         torch.testing.assert_close(results[0], oracle(x, top_idx, top_w), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("N,H,I,grouped", [(3, 32, 16, True), (16, 32, 16, True), (40, 32, 16, False),
-                                           (3, 30, 18, False)])
-def test_moe_experts_torch_paths_match_transformers(monkeypatch, N, H, I, grouped):
-    """Both forms of the torch path (torch._grouped_mm for a few slots on CPU; addmm per expert otherwise, and
-    whenever a row stride is not a multiple of 16 bytes) against transformers' GptOssExperts: forward and the
-    gradients of x, the routing weights and all four expert parameters."""
+@pytest.mark.parametrize("N,H,I,few", [(3, 32, 16, True), (16, 32, 16, True), (40, 32, 16, False),
+                                       (3, 30, 18, True), (30, 30, 18, False)])
+def test_moe_experts_torch_paths_match_transformers(monkeypatch, N, H, I, few):
+    """Both forms of the torch path against transformers' GptOssExperts: addmm per expert over the sorted slots
+    (forward and the gradients of x, the routing weights and all four expert parameters), and, for a few slots
+    when decoding, slot by slot (forward, on 1 and 2 threads)."""
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
@@ -470,8 +470,7 @@ def test_moe_experts_torch_paths_match_transformers(monkeypatch, N, H, I, groupe
     top_idx, top_w = routing(N, E, K, seed=8)
     x = torch.randn(N, H, generator=torch.Generator().manual_seed(9)) * 2
     params = expert_params(E, H, I, seed=10)
-    assert kernels._grouped_mm_fits(x, params[0], params[2]) == (H % 4 == 0 and I % 4 == 0)
-    assert (N * K <= kernels.GROUPED_MM_MAX_SLOTS and H % 4 == 0 and I % 4 == 0) == grouped
+    assert (N * K <= kernels.FEW_SLOTS) == few
     oracle = GptOssExperts(GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
                                         num_experts_per_tok=K))
     names = ["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"]
@@ -484,6 +483,15 @@ def test_moe_experts_torch_paths_match_transformers(monkeypatch, N, H, I, groupe
     assert_close_all(*results, 1e-5, 1e-5)
     for grad in results[2][2:]:  # expert 2 gets no token: zero gradients
         assert (grad[2] == 0).all()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            with torch.no_grad():
+                got = kernels.moe_experts_torch(x, top_idx, top_w, *params, decoding=True)
+                torch.testing.assert_close(got, transformers_experts(x, top_w, *params), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
@@ -623,3 +631,45 @@ def test_chunked_cross_entropy_peak_memory_at_full_vocabulary():
           f"chunked {chunked['peak_over_inputs_mib']:.0f} MiB")
     assert abs(plain["loss"] - chunked["loss"]) < 1e-4 * abs(plain["loss"])
     assert chunked["peak_over_inputs_mib"] < 0.25 * plain["peak_over_inputs_mib"]
+
+
+def test_rows_matmul_split_over_threads():
+    """rows_matmul (decoding's one-row products): with P threads an fp32 product whose weight has 64K+ elements is
+    one bmm of P pieces split along K, summing to x @ w (+ bias) for one row and several; other cases are addmm.
+    And the few-slot MoE path at a size where it splits equals the sorted path."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 512, generator=g)
+    b = torch.randn(512, generator=g)
+    threads = torch.get_num_threads()
+    calls = []
+    bmm = torch.bmm
+    try:
+        torch.bmm = lambda *args: calls.append(tuple(args[1].shape)) or bmm(*args)  # which were split, and how
+        for n_threads, split in ((1, None), (2, (2, 128, 512)), (3, None), (4, (4, 64, 512))):  # 256 % 3 != 0
+            torch.set_num_threads(n_threads)
+            for M in (1, 3):
+                x = torch.randn(M, 256, generator=g)
+                calls.clear()
+                # entries are ~16 in size (sums of 256 products of unit normals): 1e-4 is fp32 rounding
+                torch.testing.assert_close(kernels.rows_matmul(x, w), x @ w, atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(kernels.rows_matmul(x, w, b), torch.addmm(b, x, w), atol=1e-4, rtol=1e-5)
+                assert calls == ([] if split is None else [split, split])
+            calls.clear()
+            kernels.rows_matmul(x, torch.randn(256, 8, generator=g))  # a router's weight: never split
+            kernels.rows_matmul(x.double(), w.double())  # fp32 only
+            assert calls == []
+    finally:
+        torch.bmm = bmm
+        torch.set_num_threads(threads)
+    try:
+        torch.set_num_threads(2)
+        E, H, I, K = 4, 256, 256, 2
+        top_idx, top_w = routing(3, E, K, seed=4)
+        x = torch.randn(3, H, generator=g)
+        params = expert_params(E, H, I, seed=5)
+        with torch.no_grad():
+            few = kernels.moe_experts_torch(x, top_idx, top_w, *params, decoding=True)  # 6 slots, split in 2
+            sorted_path = kernels.moe_experts_torch(x, top_idx, top_w, *params)
+        assert ((few - sorted_path).norm() / sorted_path.norm()).item() < 1e-6
+    finally:
+        torch.set_num_threads(threads)

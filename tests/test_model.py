@@ -170,22 +170,52 @@ def test_inputs_embeds_equal_ids(pair):
 
 
 def test_kv_cache_stepwise_equals_full_forward(pair):
-    """Prefill, then chunks, then single tokens, past the window: the same logits as one full forward."""
+    """Prefill, then chunks, single tokens and a chunk again after the sliding rings have wrapped, past the window:
+    the same logits as one full forward."""
     ours, _ = pair
     idx = tokens(2, 40, seed=7)
     with torch.no_grad():
         full = ours(idx)[0]
         caches = ours.new_caches(2, 40)
         pieces, t = [], 0
-        for n in [5, 3, 6] + [1] * 26:
+        for n in [5, 3, 6] + [1] * 10 + [4] + [1] * 12:
             h, _ = ours.hidden_states(idx[:, t:t + n], caches=caches)
             pieces.append(ours.lm_head(h))
             t += n
+    assert t == 40
     stepwise = torch.cat(pieces, dim=1)
     assert rel_err(stepwise, full) < 1e-5
-    # sliding layers keep only window - 1 keys
-    sliding = [c for c in caches if c.window]
-    assert sliding and all(c.k.shape[1] == WINDOW - 1 for c in sliding)
+    # sliding layers keep a ring of WINDOW slots, full layers every position
+    assert {c.k.shape[1] for c in caches if c.window} == {WINDOW}
+    assert {c.k.shape[1] for c in caches if not c.window} == {40}
+
+
+def test_decode_step_equals_full_forward(pair):
+    """GPT.decode_step (fused q/k/v, transposed weights, the ring caches) after a prefill == one full forward, for
+    every position past the window; and with left padding (per-row positions and key masks)."""
+    ours, _ = pair
+    idx = tokens(2, 30, seed=9)
+    with torch.no_grad():
+        full = ours(idx)[0]
+        caches = ours.new_caches(2, 30)
+        head, layers = ours.decode_weights()
+        h, _ = ours.hidden_states(idx[:, :4], caches=caches)
+        pieces = [h @ head]
+        for t in range(4, 30):
+            x = ours.decode_step(ours.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1), caches, layers)
+            pieces.append((x @ head)[:, None])
+        assert rel_err(torch.cat(pieces, dim=1), full) < 1e-5
+        # row 1 left-padded by 3: its logits equal row 1's alone at positions 0..
+        pad = 3
+        key_mask = torch.arange(30)[None] >= torch.tensor([[0], [pad]])  # (2, 30)
+        positions = (torch.arange(30)[None] - torch.tensor([[0], [pad]])).clamp(min=0)  # (2, 30)
+        padded = torch.cat([idx[:1], torch.cat([torch.zeros(1, pad, dtype=torch.long), idx[1:, :30 - pad]], 1)])
+        caches = ours.new_caches(2, 30, key_mask)
+        ours.hidden_states(padded[:, :6], position_ids=positions[:, :6], caches=caches)
+        for t in range(6, 30):
+            x = ours.decode_step(ours.model.embed_tokens(padded[:, t]), positions[:, t:t + 1], caches, layers)
+        alone = ours(idx[1:, :30 - pad])[0][0, -1]
+        assert rel_err(x[1] @ head, alone) < 1e-5
 
 
 def test_greedy_generate_equals_transformers(pair):
