@@ -709,19 +709,32 @@ def swiglu(gate_up, limit=7.0, alpha=1.702):
 # MoE experts: tokens bucketed by expert, one matmul per expert
 
 
-def rows_matmul(x, w, bias=None):
-    """x (M, K) @ w (K, N) (+ bias (N,)) for a few rows (decoding). MKL runs a product of one row on one thread,
-    while decoding's whole cost is reading the weights: with P CPU threads an fp32 product whose weight is worth it
-    (64K elements or more: not a router's) is split along K into one bmm of P pieces, whose batch MKL spreads over
-    the threads, and the P partial products are summed (so the rounding depends on P). Two cores read an expert's
-    256 x 512 fp32 weight in ~37 us this way, one in ~53 us; the 256 x 8192 unembedding in ~280 vs ~410 us.
-    (Splitting the columns instead was slower in the whole decode, 3.85 vs 3.49 ms/token: bench.py --what=lm.)"""
-    M, K = x.shape
+def split_count(x, w):
+    """How many pieces a few-row product x (M, K) @ w (K, N) is split into along K (decoding). MKL runs a product of
+    one row on one thread, while decoding's whole cost is reading the weights: with P CPU threads an fp32 product
+    whose weight is worth it (64K elements or more: not a router's) becomes one bmm of P pieces, whose batch MKL
+    spreads over the threads, and the P partial products are summed (so the rounding depends on P). Two cores read
+    an expert's 256 x 512 fp32 weight in ~37 us this way, one in ~53 us; the 256 x 8192 unembedding in ~280 vs
+    ~410 us. (Splitting the columns instead was slower in the whole decode: 3.85 vs 3.49 ms/token.)"""
     P = torch.get_num_threads()
-    if P == 1 or K % P or w.numel() < 2**16 or x.device.type != "cpu" or x.dtype != torch.float32:
+    if P == 1 or x.shape[1] % P or w.numel() < 2**16 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return 1
+    return P
+
+
+def k_pieces(x, P):
+    """x (M, K) -> its P pieces along K, (P, M, K/P) (a view)."""
+    M, K = x.shape
+    return x.view(P, 1, K // P) if M == 1 else x.view(M, P, K // P).transpose(0, 1)
+
+
+def rows_matmul(x, w, bias=None):
+    """x (M, K) @ w (K, N) (+ bias (N,)) for a few rows (decoding): torch.addmm, or split over the CPU threads."""
+    P = split_count(x, w)
+    if P == 1:
         return x @ w if bias is None else torch.addmm(bias, x, w)
-    pieces = x.view(P, 1, K // P) if M == 1 else x.view(M, P, K // P).transpose(0, 1)  # (P, M, K/P)
-    y = torch.bmm(pieces, w.view(P, K // P, -1)).sum(0)  # (P, M, K/P) @ (P, K/P, N) -> (P, M, N) -> (M, N)
+    K = x.shape[1]
+    y = torch.bmm(k_pieces(x, P), w.view(P, K // P, -1)).sum(0)  # (P, M, K/P) @ (P, K/P, N) -> (P, M, N) -> (M, N)
     return y if bias is None else y + bias
 
 
@@ -730,18 +743,25 @@ FEW_SLOTS = 64  # up to this many (token, expert) slots (decoding), the torch pa
 
 def _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                            limit, alpha):
-    """Decoding's handful of slots: one product per slot and projection on its expert's weights (rows_matmul), in
-    slot order, so no sorting, gathering or scattering: decoding a small model on a CPU is bound by reading the
-    weights and by the number of ops, not by FLOPs (one torch._grouped_mm per projection, the previous form, was
-    ~15% slower per MoE layer on one thread, and it cannot use a second one)."""
+    """Decoding's handful of slots: one bmm per slot and projection on its expert's weights, in slot order, so no
+    sorting, gathering or scattering: decoding a small model on a CPU is bound by reading the weights and by the
+    number of ops, not by FLOPs (one torch._grouped_mm per projection, the previous form, was ~15% slower per MoE
+    layer on one thread, and it cannot use a second one). Each product is split along K over the CPU threads
+    (split_count), and the partial products of all slots are summed at once."""
     N, K = topk_idx.shape
+    H, I = x.shape[1], down_proj.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     experts = flat_expert.tolist()  # a host sync on GPUs
-    rows = x.split(1)  # N views (1, H)
-    h = torch.cat([rows_matmul(rows[s // K], gate_up_proj[e]) for s, e in enumerate(experts)])  # (N*K, 2I)
-    h = swiglu_torch(h + gate_up_proj_bias[flat_expert], limit, alpha).split(1)  # N*K views (1, I)
-    y = torch.cat([rows_matmul(h[s], down_proj[e]) for s, e in enumerate(experts)]) + down_proj_bias[flat_expert]
-    return (y.view(N, K, -1) * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)  # (N*K, H) -> (N, K, H)
+    P = split_count(x, gate_up_proj[0])
+    P = P if I % P == 0 else 1  # the down projection's I splits the same way
+    rows = k_pieces(x, P).split(1, dim=1)  # N views (P, 1, H/P)
+    h = torch.cat([torch.bmm(rows[s // K], gate_up_proj[e].view(P, H // P, 2 * I))
+                   for s, e in enumerate(experts)], dim=1)  # (P, N*K, 2I)
+    h = swiglu_torch(h.sum(0) + gate_up_proj_bias[flat_expert], limit, alpha)  # (N*K, I)
+    slots = k_pieces(h, P).split(1, dim=1)  # N*K views (P, 1, I/P)
+    y = torch.cat([torch.bmm(slots[s], down_proj[e].view(P, I // P, H)) for s, e in enumerate(experts)], dim=1)
+    y = y.sum(0) + down_proj_bias[flat_expert]  # (P, N*K, H) -> (N*K, H)
+    return (y.view(N, K, H) * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)  # (N*K, H) -> (N, K, H)
 
 
 def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
