@@ -218,6 +218,24 @@ def test_decode_step_equals_full_forward(pair):
         assert rel_err(x[1] @ head, alone) < 1e-5
 
 
+def test_decode_on_the_triton_path(pair, monkeypatch):
+    """GPT.generate with MEDGPT_KERNELS=triton (the GPU path, run by the interpreter): the prompt through the Triton
+    kernels, each new token through decode_step with Triton RMSNorm, RoPE on a strided q/k view and the grouped-GEMM
+    experts. Same greedy tokens as the torch path, past the window."""
+    ours, _ = pair
+    prompt = tokens(2, 10, seed=11)
+    expected = ours.generate(prompt, 6, temperature=0.0)
+    monkeypatch.setenv("MEDGPT_KERNELS", "triton")
+    calls = []
+    for name in ("_moe_experts_triton", "_rope_launch"):
+        fn = getattr(M.kernels, name)
+        monkeypatch.setattr(M.kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    assert torch.equal(ours.generate(prompt, 6, temperature=0.0), expected)
+    layers = ours.config.num_hidden_layers
+    # prompt: 1 MoE and 2 RoPE calls (q, k) per layer; each of the 5 decode steps: 1 MoE and 1 RoPE (q and k fused)
+    assert calls.count("_moe_experts_triton") == 6 * layers and calls.count("_rope_launch") == 2 * layers + 5 * layers
+
+
 def test_greedy_generate_equals_transformers(pair):
     ours, hf = pair
     prompt = tokens(2, 12, seed=8)
