@@ -126,8 +126,9 @@ def bench_lm(a):
     (train_same, train_peak, train_flops), (decode_same, decode_peak, _) = bound["train"], bound["decode"]
     print(f"bound: transformers spends {100 / train_same:.0f}% (train) and {100 / decode_same:.0f}% (decode) of its "
           f"time in matrix products (mm/addmm/bmm); doing the same products at the speed transformers gets and "
-          f"nothing else would reach {train_same:.2f}x (train) and {decode_same:.2f}x (decode). Ours decodes past "
-          f"that by spreading each one-row product over the threads (kernels.rows_matmul)")
+          f"nothing else would reach {train_same:.2f}x (train) and {decode_same:.2f}x (decode)"
+          + (". Ours can decode past that: it spreads each one-row product over the threads (kernels.rows_matmul)"
+             if torch.get_num_threads() > 1 else ""))
     print(f"compute floor: a training step is {train_flops / 1e9:.1f} GFLOP of products; at this CPU's measured fp32 "
           f"matmul peak they alone allow at most {train_peak:.2f}x transformers' step (decode: {decode_peak:.1f}x; "
           f"it is bound by reading weights, not FLOPs)")
