@@ -743,24 +743,30 @@ FEW_SLOTS = 64  # up to this many (token, expert) slots (decoding), the torch pa
 
 def _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                            limit, alpha):
-    """Decoding's handful of slots: one bmm per slot and projection on its expert's weights, in slot order, so no
+    """Decoding's handful of slots: one product per slot and projection on its expert's weights, in slot order, so no
     sorting, gathering or scattering: decoding a small model on a CPU is bound by reading the weights and by the
     number of ops, not by FLOPs (one torch._grouped_mm per projection, the previous form, was ~15% slower per MoE
-    layer on one thread, and it cannot use a second one). Each product is split along K over the CPU threads
-    (split_count), and the partial products of all slots are summed at once."""
+    layer on one thread, and it cannot use a second one). With several CPU threads each fp32 product is split along
+    K over them (split_count)."""
     N, K = topk_idx.shape
     H, I = x.shape[1], down_proj.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     experts = flat_expert.tolist()  # a host sync on GPUs
     P = split_count(x, gate_up_proj[0])
-    P = P if I % P == 0 else 1  # the down projection's I splits the same way
-    rows = k_pieces(x, P).split(1, dim=1)  # N views (P, 1, H/P)
-    h = torch.cat([torch.bmm(rows[s // K], gate_up_proj[e].view(P, H // P, 2 * I))
-                   for s, e in enumerate(experts)], dim=1)  # (P, N*K, 2I)
-    h = swiglu_torch(h.sum(0) + gate_up_proj_bias[flat_expert], limit, alpha)  # (N*K, I)
-    slots = k_pieces(h, P).split(1, dim=1)  # N*K views (P, 1, I/P)
-    y = torch.cat([torch.bmm(slots[s], down_proj[e].view(P, I // P, H)) for s, e in enumerate(experts)], dim=1)
-    y = y.sum(0) + down_proj_bias[flat_expert]  # (P, N*K, H) -> (N*K, H)
+    if P == 1 or I % P:  # one addmm per slot, bias fused, as the sorted path computes it (bf16: the same bits)
+        rows = x.split(1)  # N views (1, H)
+        h = torch.cat([torch.addmm(gate_up_proj_bias[e], rows[s // K], gate_up_proj[e])
+                       for s, e in enumerate(experts)])  # (N*K, 2I)
+        h = swiglu_torch(h, limit, alpha).split(1)  # N*K views (1, I)
+        y = torch.cat([torch.addmm(down_proj_bias[e], h[s], down_proj[e]) for s, e in enumerate(experts)])
+    else:  # each product split along K over the threads; the partial products of all slots summed at once
+        rows = k_pieces(x, P).split(1, dim=1)  # N views (P, 1, H/P)
+        h = torch.cat([torch.bmm(rows[s // K], gate_up_proj[e].view(P, H // P, 2 * I))
+                       for s, e in enumerate(experts)], dim=1)  # (P, N*K, 2I)
+        h = swiglu_torch(h.sum(0) + gate_up_proj_bias[flat_expert], limit, alpha)  # (N*K, I)
+        slots = k_pieces(h, P).split(1, dim=1)  # N*K views (P, 1, I/P)
+        y = torch.cat([torch.bmm(slots[s], down_proj[e].view(P, I // P, H)) for s, e in enumerate(experts)], dim=1)
+        y = y.sum(0) + down_proj_bias[flat_expert]  # (P, N*K, H) -> (N*K, H)
     return (y.view(N, K, H) * topk_weight[..., None].to(y.dtype)).sum(1).to(x.dtype)  # (N*K, H) -> (N, K, H)
 
 

@@ -218,6 +218,33 @@ def test_decode_step_equals_full_forward(pair):
         assert rel_err(x[1] @ head, alone) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_step_on_one_thread_equals_the_forward(ckpt, pair, dtype):
+    """On one CPU thread (no split products) decode_step's fused, transposed weights and slot-by-slot experts compute
+    the same bits as one full forward through the modules in bf16 (where any extra rounding would show), and the
+    same up to MKL's summation order in fp32."""
+    ours, _ = pair
+    lm = ours if dtype == torch.float32 else M.GPT.from_pretrained(ckpt, dtype=dtype)
+    idx = tokens(2, 24, seed=12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            full = lm(idx)[0]
+            caches = lm.new_caches(2, 24)
+            head, layers = lm.decode_weights()
+            lm.hidden_states(idx[:, :5], caches=caches)
+            for t in range(5, 24):
+                x = lm.decode_step(lm.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1), caches, layers)
+                got = M.kernels.rows_matmul(x, head)
+                if dtype == torch.bfloat16:
+                    assert torch.equal(got, full[:, t]), f"position {t}"
+                else:  # fp32: MKL sums (in, out) and (out, in) products in different orders, last bits only
+                    assert rel_err(got, full[:, t]) < 1e-5, f"position {t}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_decode_on_the_triton_path(pair, monkeypatch):
     """GPT.generate with MEDGPT_KERNELS=triton (the GPU path, run by the interpreter): the prompt through the Triton
     kernels, each new token through decode_step with Triton RMSNorm, RoPE on a strided q/k view and the grouped-GEMM
