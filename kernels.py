@@ -11,11 +11,14 @@ Design choices
 
 Public functions (the seam model.py plugs into)
 - rms_norm(x, weight, eps)                                  RMSNorm with fp32 statistics
-- apply_rope(x, cos, sin)                                   RoPE on halves, x (B, T, H, D)
+- apply_rope(x, cos, sin, tables=None)                      RoPE on halves, x (B, T, H, D)
 - attention(q, k, v, sinks, window, doc_ids, key_mask)      GQA attention with sinks, causal, sliding window
 - swiglu(gate_up, limit, alpha)                             GPT-oss clamped SwiGLU on interleaved gate/up
-- moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias)
+- moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, ...,
+              decoding=False)                               decoding=True: a few tokens, slot by slot (torch path)
 - linear_cross_entropy(x, weight, targets, ignore_index, reduction)   unembedding + loss, no full logits
+- rows_matmul(x, w, bias), rope_tables(cos, sin, dtype)     decoding helpers (GPT.decode_step): one-row products
+  split along K over the CPU threads (MKL runs a one-row gemm on one thread), RoPE tables shared by all layers
 
 Triton path (forward and backward, each an autograd.Function)
 - attention: FlashAttention-2 style tiling with an online softmax in base 2. The sink starts the running
