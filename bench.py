@@ -144,7 +144,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_g
 
 
 def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
-    """How fast could an implementation of the same math be? Returns (same_speed, at_peak):
+    """How fast could an implementation of the same math be? Returns (same_speed, at_peak, matmul FLOPs):
     same_speed: transformers' time for one training step (or one greedy decode) over the time its matrix products
     alone take (profiler self time, median of 3): the ratio to beat with zero overhead, doing the same products
     (same FLOPs, fp32) at the speed transformers gets from them;
@@ -152,7 +152,7 @@ def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
     fp32 matmul peak (training.measure_cpu_peak_tflops): the ratio no implementation of the same FLOPs can pass."""
     from torch.profiler import profile
     import training
-    ratios, flops = [], []
+    runs, flops = [], []  # (step seconds, seconds in matrix products), FLOPs of those products
     for _ in range(3):
         hf.train() if what == "train" else hf.eval()
         t0 = clock()
@@ -162,11 +162,11 @@ def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
             lm_train_step("hf", hf, opt, idx, targets) if what == "train" else lm_decode("hf", hf, prompt,
                                                                                           a["new_tokens"])
         matmuls = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
-        ratios.append((total, sum(e.self_cpu_time_total for e in matmuls) * 1e-6))
+        runs.append((total, sum(e.self_cpu_time_total for e in matmuls) * 1e-6))
         flops.append(sum(e.flops for e in matmuls))
     peak_flops = training.measure_cpu_peak_tflops(torch.float32) * 1e12
-    total = statistics.median(t for t, _ in ratios)
-    return statistics.median(t / m for t, m in ratios), total / (statistics.median(flops) / peak_flops), flops[0]
+    total, matmul_flops = statistics.median(t for t, _ in runs), statistics.median(flops)
+    return statistics.median(t / m for t, m in runs), total / (matmul_flops / peak_flops), matmul_flops
 
 
 def lm_peak_memory(a, impl):
