@@ -20,6 +20,13 @@ Public functions (the seam model.py plugs into)
 - rows_matmul(x, w, bias), rope_tables(cos, sin, dtype)     decoding helpers (GPT.decode_step): one-row products
   split along K over the CPU threads (MKL runs a one-row gemm on one thread), RoPE tables shared by all layers
 
+Torch path, beyond the references (CPU training and decoding)
+- attention for S == T: attention_blocked, blocks of ATTN_BLOCK_ROWS queries against only the keys they can see
+  (causal, window), GQA heads stacked as rows, sink folded into each row's max and sum, a hand-written backward
+  that keeps only the visible blocks' probabilities. About half the work of the full (T, T) scores for causal
+  layers and O(T * window) for sliding ones; attention_torch stays the plain specification it is tested against.
+- linear_cross_entropy: one in-place exp per chunk gives both the loss and the softmax.
+
 Triton path (forward and backward, each an autograd.Function)
 - attention: FlashAttention-2 style tiling with an online softmax in base 2. The sink starts the running
   max and sum (m = sink, l = 1), so it costs nothing per tile and a row that sees no key is still finite.
@@ -348,6 +355,121 @@ def attention_torch(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_m
     return out.transpose(1, 2).to(q.dtype)  # (B, T, Hq, D)
 
 
+ATTN_BLOCK_ROWS = 64  # query positions per block on the torch training path (fastest of 32/64/128 on a CPU)
+
+
+def _visible_keys(q_start, q_end, window):
+    """First key position any query in q_start..q_end-1 can see (S == T): later keys are causal-masked, earlier
+    ones are outside the window. The block's keys are [_visible_keys(...), q_end)."""
+    return max(0, q_start - window + 1) if window > 0 else 0
+
+
+def attention_blocked_pairs(T, window=0):
+    """(query, key) scores attention_blocked computes per sequence and head for S == T: the fp32 probabilities
+    its forward keeps for the backward (about T^2 / 2 + 32 T for full attention, about T * (window + 64) sliding)."""
+    pairs = 0
+    for q0 in range(0, T, ATTN_BLOCK_ROWS):
+        q1 = min(T, q0 + ATTN_BLOCK_ROWS)
+        pairs += (q1 - q0) * (q1 - _visible_keys(q0, q1, window))
+    return pairs
+
+
+def _block_mask(q_start, q_end, k_start, window, doc_ids, device):
+    """attention_mask for queries q_start..q_end-1 and keys k_start..q_end-1: (n, nk), or (B, 1, 1, n, nk)
+    with doc_ids (B, T)."""
+    q_pos = torch.arange(q_start, q_end, device=device)[:, None]  # (n, 1)
+    k_pos = torch.arange(k_start, q_end, device=device)[None, :]  # (1, nk)
+    mask = k_pos <= q_pos
+    if window > 0:
+        mask = mask & (k_pos > q_pos - window)
+    if doc_ids is not None:
+        same_doc = doc_ids[:, q_start:q_end, None] == doc_ids[:, None, k_start:q_end]  # (B, n, nk)
+        mask = mask & same_doc[:, None, None]
+    return mask
+
+
+class _AttentionBlocked(torch.autograd.Function):
+    """attention_torch's math for S == T, by blocks of ATTN_BLOCK_ROWS queries, each against only the keys it can
+    see: about half the products and softmax work of the full (T, T) scores for causal layers, and O(T * window)
+    for sliding ones. GQA groups the G query heads of a key/value head into the rows of one product, so keys and
+    values are never repeated. The sink is folded into each row's max and denominator (no concatenated column).
+    The forward keeps each block's probabilities (fp32) for the backward, which is written out by hand:
+    dV = P^T dO, dS = P * (dP - delta) with delta = rowsum(dO * O), dQ = dS K, dK = dS^T Q, d(sink) = -p_sink delta."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, sm_scale, window, doc_ids, keep):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        G = Hq // Hkv
+        qs = (q.float() * sm_scale).view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D), pre-scaled
+        kt = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, T)  # (B, T, Hkv, D) -> (B*Hkv, D, T)
+        vf = v.float().permute(0, 2, 1, 3).reshape(B * Hkv, T, D)  # (B, T, Hkv, D) -> (B*Hkv, T, D)
+        sink = sinks.float().view(1, Hkv, G, 1, 1)
+        out = torch.empty(B, Hkv, G, T, D, device=q.device)
+        probs, p_sinks = [], []
+        for q0 in range(0, T, ATTN_BLOCK_ROWS):
+            q1 = min(T, q0 + ATTN_BLOCK_ROWS)
+            k0 = _visible_keys(q0, q1, window)
+            n, nk = q1 - q0, q1 - k0
+            q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)  # rows (head in group, position)
+            p = torch.bmm(q_rows, kt[:, :, k0:q1]).view(B, Hkv, G, n, nk)  # scores, made probabilities in place
+            p.masked_fill_(~_block_mask(q0, q1, k0, window, doc_ids, q.device), float("-inf"))
+            row_max = torch.maximum(p.amax(-1, keepdim=True), sink)  # (B, Hkv, G, n, 1); a row always sees itself
+            p.sub_(row_max).exp_()
+            p_sink = (sink - row_max).exp_()
+            denom = p.sum(-1, keepdim=True).add_(p_sink)
+            p.div_(denom)
+            if keep:  # for the backward; without autograd each block's probabilities are freed as it ends
+                p_sinks.append(p_sink.div_(denom))
+                probs.append(p)
+            block_out = torch.bmm(p.view(B * Hkv, G * n, nk), vf[:, k0:q1])  # (B*Hkv, G*n, D)
+            out[:, :, :, q0:q1] = block_out.view(B, Hkv, G, n, D)
+        if keep:
+            ctx.save_for_backward(qs, kt, vf, out, torch.cat(p_sinks, dim=3), *probs)
+        ctx.sm_scale, ctx.window, ctx.dtypes = sm_scale, window, (q.dtype, k.dtype, v.dtype, sinks.dtype)
+        return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)  # (B, Hkv, G, T, D) -> (B, T, Hq, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qs, kt, vf, out, p_sink, *probs = ctx.saved_tensors
+        B, Hkv, G, T, D = qs.shape
+        do = dout.float().view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, T, Hq, D) -> (B, Hkv, G, T, D)
+        delta = (do * out).sum(-1, keepdim=True)  # (B, Hkv, G, T, 1): rowsum(P * dP) = dO . O
+        dq = torch.empty(B, Hkv, G, T, D, device=qs.device)
+        dk = torch.zeros(B * Hkv, T, D, device=qs.device)
+        dv = torch.zeros(B * Hkv, T, D, device=qs.device)
+        for block, q0 in enumerate(range(0, T, ATTN_BLOCK_ROWS)):
+            q1 = min(T, q0 + ATTN_BLOCK_ROWS)
+            k0 = _visible_keys(q0, q1, ctx.window)
+            n, nk = q1 - q0, q1 - k0
+            p = probs[block]  # (B, Hkv, G, n, nk)
+            do_rows = do[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
+            q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
+            dv[:, k0:q1].baddbmm_(p.view(B * Hkv, G * n, nk).transpose(1, 2), do_rows)  # += P^T dO
+            dp = torch.bmm(do_rows, vf[:, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, nk)
+            ds = dp.sub_(delta[:, :, :, q0:q1]).mul_(p).view(B * Hkv, G * n, nk)  # gradient of the scaled scores
+            dq[:, :, :, q0:q1] = torch.bmm(ds, kt[:, :, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, D)
+            dk[:, k0:q1].baddbmm_(ds.transpose(1, 2), q_rows)  # += dS^T (scale * Q)
+        d_sinks = -(p_sink * delta).sum(dim=(0, 3, 4)).reshape(Hkv * G)
+        dq = dq.mul_(ctx.sm_scale).permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, D)  # -> (B, T, Hq, D)
+        dk = dk.view(B, Hkv, T, D).transpose(1, 2)  # (B*Hkv, T, D) -> (B, T, Hkv, D)
+        dv = dv.view(B, Hkv, T, D).transpose(1, 2)
+        q_dtype, k_dtype, v_dtype, s_dtype = ctx.dtypes
+        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), d_sinks.to(s_dtype), None, None, None, None
+
+
+def attention_blocked(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None):
+    """attention_torch for S == T (training, a prefill without padding) in blocks of queries: same inputs, same
+    output, far less work and memory (see _AttentionBlocked). The torch path of attention() for those shapes."""
+    B, T, Hq, D = q.shape
+    if k.shape[1] != T or Hq % k.shape[2]:
+        raise ValueError(f"attention_blocked: q {tuple(q.shape)} and k {tuple(k.shape)}: expected as many keys as "
+                         f"queries and query heads a multiple of key/value heads")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks))
+    return _AttentionBlocked.apply(q, k, v, sinks, sm_scale, int(window), doc_ids, keep)
+
+
 # Triton attention. q, k, v, out and their gradients are contiguous (B, T, H, D): the element (b, t, h, d)
 # sits at ((b * T + t) * H + h) * D + d. Scores are kept in base 2 (qk_scale = sm_scale * log2(e)) so the
 # online softmax uses exp2; lse (B, Hq, T) fp32 is saved in the same base 2 units.
@@ -612,8 +734,8 @@ def _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask):
 
 
 def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=None):
-    """Triton for training shapes (S == T, no key_mask); decoding with a KV cache uses the torch reference
-    (one query per row: its lean form, _attention_one_query)."""
+    """Training shapes (S == T, no key_mask): Triton, or on the torch path attention_blocked. Decoding with a KV
+    cache (S > T) or a key_mask: the torch reference (one query per row: its lean form, _attention_one_query)."""
     if _use_triton(q) and k.shape[1] == q.shape[1] and key_mask is None:
         B, T, Hq, D = q.shape
         if Hq % k.shape[2]:
@@ -628,6 +750,8 @@ def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=No
     if q.shape[1] == 1 and doc_ids is None and q.shape[2] % k.shape[2] == 0:
         sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
         return _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask)
+    if k.shape[1] == q.shape[1] and key_mask is None and q.shape[2] % k.shape[2] == 0:
+        return attention_blocked(q, k, v, sinks, sm_scale, window, doc_ids)
     return attention_torch(q, k, v, sinks, sm_scale, window, doc_ids, key_mask)
 
 
@@ -1044,18 +1168,21 @@ def _cross_entropy_rows_triton(logits, targets, ignore_index, write_grad):
 
 
 def _cross_entropy_rows_torch(logits, targets, ignore_index, write_grad):
-    """Same contract as the Triton kernel, with torch ops on one chunk (fp32 math)."""
+    """The Triton kernel's contract with torch ops on one chunk (fp32 math), except that fp32 logits are
+    overwritten even without write_grad (the caller's chunk is a temporary)."""
     logits = logits.float()  # (n, V)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    target_logit = logits.gather(1, safe_targets[:, None])[:, 0]
-    losses = torch.where(valid, lse - target_logit, 0.0)
+    target_logit = logits.gather(1, safe_targets[:, None])[:, 0]  # read before the logits are overwritten
+    row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    # one exp over the chunk, in place (torch.logsumexp, then exp for the softmax, took three times as long)
+    exps = logits.sub_(row_max).exp_()  # exp(logit - max)
+    total = exps.sum(dim=-1, keepdim=True)  # (n, 1)
+    losses = torch.where(valid, total[:, 0].log() + row_max[:, 0] - target_logit, 0.0)  # lse - logit[target]
     if not write_grad:
         return losses, None
-    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the fp32 logits
-    grad[torch.arange(len(targets), device=grad.device), safe_targets] -= 1.0
-    grad *= valid[:, None]
+    grad = exps.div_(total.masked_fill_(~valid[:, None], float("inf")))  # softmax; an ignored row becomes 0
+    grad[torch.arange(len(targets), device=grad.device), safe_targets] -= valid.float()
     return losses, grad
 
 

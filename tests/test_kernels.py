@@ -336,6 +336,64 @@ def test_attention_decode_uses_reference(triton_path):
     torch.testing.assert_close(out, kernels.attention_torch(q, k, v, sinks, window=5, key_mask=key_mask))
 
 
+# blocks of 16 queries over T = 53: four blocks, the last short; windows under, on and over a block's width
+@pytest.mark.parametrize("window,packed,heads", [(0, False, (4, 2)), (5, True, (4, 1)), (16, False, (2, 1)),
+                                                 (17, True, (2, 2)), (40, False, (6, 3)), (60, False, (2, 1))])
+def test_attention_blocked_matches_reference_and_transformers(monkeypatch, window, packed, heads):
+    """The torch path's blocked attention (training shapes) against attention_torch (the same fp32 math in another
+    order) and against transformers' eager attention, forward and every gradient."""
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    monkeypatch.setattr(kernels, "ATTN_BLOCK_ROWS", 16)
+    B, T, D = 2, 53, 16
+    Hq, Hkv = heads
+    doc_ids = packed_doc_ids(B, T, [17, 30, 6]) if packed else None
+    q, k, v, sinks = attention_inputs(B, T, Hq, Hkv, D)
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=window, doc_ids=doc_ids),
+                       lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=window, doc_ids=doc_ids),
+                       [q, k, v, sinks])
+    assert_close_all(*results, 1e-5, 1e-5)
+    q, k, v, sinks = attention_inputs(B, T, Hq, Hkv, D, seed=2)
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=window, doc_ids=doc_ids),
+                       lambda q, k, v, s: transformers_attention(q, k, v, s, window, doc_ids), [q, k, v, sinks])
+    assert_close_all(*results, 2e-5, 2e-5)
+    assert results[2][3].abs().sum() > 0
+
+
+def test_attention_blocked_is_the_torch_training_path(monkeypatch):
+    """attention() on the torch path sends S == T without key_mask to attention_blocked, and bf16 inputs come
+    back in bf16 with gradients in bf16 (fp32 math inside, as attention_torch)."""
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    calls = []
+    real = kernels._AttentionBlocked.apply
+    monkeypatch.setattr(kernels._AttentionBlocked, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    q, k, v, sinks = attention_inputs(1, 70, 4, 2, 8, dtype=torch.bfloat16, seed=4)
+    results = run_both(lambda q, k, v, s: kernels.attention(q, k, v, s, window=9),
+                       lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=9), [q, k, v, sinks])
+    assert calls == [q.shape]
+    assert results[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in results[2])
+    assert_close_all(*results, 2e-2, 2e-2)
+    with torch.no_grad():  # no autograd: the probabilities are not kept, the output is the same
+        assert torch.equal(kernels.attention(q, k, v, sinks, window=9), results[0])
+    key_mask = torch.ones(1, 70, dtype=torch.bool)
+    kernels.attention(q, k, v, sinks, window=9, key_mask=key_mask)  # a key mask: the reference
+    assert len(calls) == 2  # the no-grad call above; not the key-mask one
+
+
+@pytest.mark.parametrize("T,window", [(1, 0), (64, 0), (200, 0), (200, 128), (200, 7), (1000, 128)])
+def test_attention_blocked_pairs_cover_every_visible_pair(T, window):
+    """Each query block's key range holds every key its queries may see (so nothing visible is skipped), and
+    attention_blocked_pairs (the memory plan's count) adds up those ranges, about half of T^2 for full layers."""
+    mask = kernels.attention_mask(T, T, "cpu", window)[0, 0]  # (T, T)
+    covered, rows = torch.zeros(T, T, dtype=torch.bool), kernels.ATTN_BLOCK_ROWS
+    for q0 in range(0, T, rows):
+        q1 = min(T, q0 + rows)
+        covered[q0:q1, kernels._visible_keys(q0, q1, window):q1] = True
+    assert not (mask & ~covered).any()
+    assert kernels.attention_blocked_pairs(T, window) == int(covered.sum())
+    if window == 0 and T >= 200:
+        assert int(covered.sum()) < 0.7 * T * T
+
+
 @pytest.mark.parametrize("window,S,padded", [(0, 13, False), (5, 13, True), (20, 13, True), (6, 6, False)])
 def test_attention_one_query_matches_transformers(monkeypatch, window, S, padded):
     """The decoding step (one query per row, the last of S positions) on the torch path: against transformers'
