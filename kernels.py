@@ -465,6 +465,8 @@ def attention_blocked(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None):
     if k.shape[1] != T or Hq % k.shape[2]:
         raise ValueError(f"attention_blocked: q {tuple(q.shape)} and k {tuple(k.shape)}: expected as many keys as "
                          f"queries and query heads a multiple of key/value heads")
+    if T == 0:  # nothing to attend: the reference handles the empty shapes
+        return attention_torch(q, k, v, sinks, sm_scale, window, doc_ids)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks))
     return _AttentionBlocked.apply(q, k, v, sinks, sm_scale, int(window), doc_ids, keep)

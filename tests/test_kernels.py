@@ -377,6 +377,8 @@ def test_attention_blocked_is_the_torch_training_path(monkeypatch):
     key_mask = torch.ones(1, 70, dtype=torch.bool)
     kernels.attention(q, k, v, sinks, window=9, key_mask=key_mask)  # a key mask: the reference
     assert len(calls) == 2  # the no-grad call above; not the key-mask one
+    empty = kernels.attention(q[:, :0], k[:, :0], v[:, :0], sinks)  # no positions: an empty output, no error
+    assert empty.shape == (1, 0, 4, 8)
 
 
 @pytest.mark.parametrize("T,window", [(1, 0), (64, 0), (200, 0), (200, 128), (200, 7), (1000, 128)])
