@@ -374,20 +374,6 @@ def attention_blocked_pairs(T, window=0):
     return pairs
 
 
-def _block_mask(q_start, q_end, k_start, window, doc_ids, device):
-    """attention_mask for queries q_start..q_end-1 and keys k_start..q_end-1: (n, nk), or (B, 1, 1, n, nk)
-    with doc_ids (B, T)."""
-    q_pos = torch.arange(q_start, q_end, device=device)[:, None]  # (n, 1)
-    k_pos = torch.arange(k_start, q_end, device=device)[None, :]  # (1, nk)
-    mask = k_pos <= q_pos
-    if window > 0:
-        mask = mask & (k_pos > q_pos - window)
-    if doc_ids is not None:
-        same_doc = doc_ids[:, q_start:q_end, None] == doc_ids[:, None, k_start:q_end]  # (B, n, nk)
-        mask = mask & same_doc[:, None, None]
-    return mask
-
-
 class _AttentionBlocked(torch.autograd.Function):
     """attention_torch's math for S == T, by blocks of ATTN_BLOCK_ROWS queries, each against only the keys it can
     see: about half the products and softmax work of the full (T, T) scores for causal layers, and O(T * window)
@@ -413,7 +399,10 @@ class _AttentionBlocked(torch.autograd.Function):
             n, nk = q1 - q0, q1 - k0
             q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)  # rows (head in group, position)
             p = torch.bmm(q_rows, kt[:, :, k0:q1]).view(B, Hkv, G, n, nk)  # scores, made probabilities in place
-            p.masked_fill_(~_block_mask(q0, q1, k0, window, doc_ids, q.device), float("-inf"))
+            # the block's queries are the last n of its nk key positions: attention_mask's layout for S > T
+            docs = doc_ids[:, k0:q1] if doc_ids is not None else None
+            mask = attention_mask(n, nk, q.device, window, docs)[:, :, None]  # (B or 1, 1, 1, n, nk)
+            p.masked_fill_(~mask, float("-inf"))
             row_max = torch.maximum(p.amax(-1, keepdim=True), sink)  # (B, Hkv, G, n, 1); a row always sees itself
             p.sub_(row_max).exp_()
             p_sink = (sink - row_max).exp_()
