@@ -434,11 +434,11 @@ class _AttentionBlocked(torch.autograd.Function):
             p = probs[block]  # (B, Hkv, G, n, nk)
             do_rows = do[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
             q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
-            dv[:, k0:q1].baddbmm_(p.view(B * Hkv, G * n, nk).transpose(1, 2), do_rows)  # += P^T dO
+            dv[:, k0:q1] += torch.bmm(p.view(B * Hkv, G * n, nk).transpose(1, 2), do_rows)  # P^T dO
             dp = torch.bmm(do_rows, vf[:, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, nk)
             ds = dp.sub_(delta[:, :, :, q0:q1]).mul_(p).view(B * Hkv, G * n, nk)  # gradient of the scaled scores
             dq[:, :, :, q0:q1] = torch.bmm(ds, kt[:, :, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, D)
-            dk[:, k0:q1].baddbmm_(ds.transpose(1, 2), q_rows)  # += dS^T (scale * Q)
+            dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q_rows)  # dS^T (scale * Q)
         d_sinks = -(p_sink * delta).sum(dim=(0, 3, 4)).reshape(Hkv * G)
         dq = dq.mul_(ctx.sm_scale).permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, D)  # -> (B, T, Hq, D)
         dk = dk.view(B, Hkv, T, D).transpose(1, 2)  # (B*Hkv, T, D) -> (B, T, Hkv, D)
