@@ -364,14 +364,17 @@ def _visible_keys(q_start, q_end, window):
     return max(0, q_start - window + 1) if window > 0 else 0
 
 
+def _query_blocks(T, window):
+    """(q0, q1, k0) for each block of queries q0..q1-1 of attention_blocked: its keys are k0..q1-1."""
+    for q0 in range(0, T, ATTN_BLOCK_ROWS):
+        q1 = min(T, q0 + ATTN_BLOCK_ROWS)
+        yield q0, q1, _visible_keys(q0, q1, window)
+
+
 def attention_blocked_pairs(T, window=0):
     """(query, key) scores attention_blocked computes per sequence and head for S == T: the fp32 probabilities
     its forward keeps for the backward (about T^2 / 2 + 32 T for full attention, about T * (window + 64) sliding)."""
-    pairs = 0
-    for q0 in range(0, T, ATTN_BLOCK_ROWS):
-        q1 = min(T, q0 + ATTN_BLOCK_ROWS)
-        pairs += (q1 - q0) * (q1 - _visible_keys(q0, q1, window))
-    return pairs
+    return sum((q1 - q0) * (q1 - k0) for q0, q1, k0 in _query_blocks(T, window))
 
 
 class _AttentionBlocked(torch.autograd.Function):
@@ -393,9 +396,7 @@ class _AttentionBlocked(torch.autograd.Function):
         sink = sinks.float().view(1, Hkv, G, 1, 1)
         out = torch.empty(B, Hkv, G, T, D, device=q.device)
         probs, p_sinks = [], []
-        for q0 in range(0, T, ATTN_BLOCK_ROWS):
-            q1 = min(T, q0 + ATTN_BLOCK_ROWS)
-            k0 = _visible_keys(q0, q1, window)
+        for q0, q1, k0 in _query_blocks(T, window):
             n, nk = q1 - q0, q1 - k0
             q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)  # rows (head in group, position)
             p = torch.bmm(q_rows, kt[:, :, k0:q1]).view(B, Hkv, G, n, nk)  # scores, made probabilities in place
@@ -427,9 +428,7 @@ class _AttentionBlocked(torch.autograd.Function):
         dq = torch.empty(B, Hkv, G, T, D, device=qs.device)
         dk = torch.zeros(B * Hkv, T, D, device=qs.device)
         dv = torch.zeros(B * Hkv, T, D, device=qs.device)
-        for block, q0 in enumerate(range(0, T, ATTN_BLOCK_ROWS)):
-            q1 = min(T, q0 + ATTN_BLOCK_ROWS)
-            k0 = _visible_keys(q0, q1, ctx.window)
+        for block, (q0, q1, k0) in enumerate(_query_blocks(T, ctx.window)):
             n, nk = q1 - q0, q1 - k0
             p = probs[block]  # (B, Hkv, G, n, nk)
             do_rows = do[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
