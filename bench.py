@@ -8,7 +8,11 @@ Design choices
   medians, so a noisy shared machine shifts both sides alike. Peak memory is measured in a fresh subprocess per side.
 
 lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, its default experts implementation)
-    on a small config: training step (forward, backward, AdamW) tokens/s and greedy decoding tokens/s.
+    on a small config: training step (forward, backward, AdamW) tokens/s and greedy decoding tokens/s. Both sides
+    step the same optimizer, torch's fused AdamW (lm_optimizer), so the step time is the models'.
+    It then prints what limits each side: transformers' share of time in matrix products, and ours' floor (its
+    products' FLOPs at this CPU's measured fp32 peak plus the optimizer: no version of ours doing these products
+    can pass the ratio it prints).
     The default trains on B=4 x T=256; `--batch=1 --seq=1024` is the same tokens per step at a context where the
     sliding window (128) and causality leave most of the (T, T) scores unseen.
     --clock=cpu times with the process's CPU time instead of the wall clock: on a machine shared with other jobs,
@@ -57,6 +61,12 @@ def lm_models(a, ckpt_dir):
     return ours, hf
 
 
+def lm_optimizer(m):
+    """Both sides' optimizer: torch's fused AdamW, its fastest on a CPU (4.9 ms against 20.9 ms for the default
+    for-loop AdamW on this model's parameters, 2 threads); the step time is then the models' own."""
+    return torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+
+
 def lm_train_step(impl, m, opt, idx, targets):
     if impl == "ours":
         _, loss = m(idx, targets)
@@ -82,13 +92,14 @@ def lm_inputs(a):
 
 
 def bench_lm(a):
+    import training
     if a["threads"]:
         torch.set_num_threads(a["threads"])
     with tempfile.TemporaryDirectory() as d:
         ours, hf = lm_models(a, d)
     models = {"ours": ours, "transformers": hf}
     idx, targets, prompt = lm_inputs(a)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}  # same optimizer both sides
+    opts = {k: lm_optimizer(m) for k, m in models.items()}  # same optimizer both sides
     if a["clock"] not in ("wall", "cpu"):
         raise SystemExit(f"bench.py --what=lm: --clock={a['clock']!r}; choose wall or cpu")
     clock = time.process_time if a["clock"] == "cpu" else time.perf_counter
@@ -109,6 +120,7 @@ def bench_lm(a):
                 times[("decode", k)].append(a["decode_batch"] * a["new_tokens"] / (t2 - t1))
     bound = {what: lm_matmul_bound(what, hf, opts["transformers"], idx, targets, prompt, a, clock)
              for what in ("train", "decode")}
+    step_s, products_s, products_flops, opt_s = lm_floor(ours, opts["ours"], idx, targets, clock)
     mem = {k: lm_peak_memory(a, k) for k in models}
     print(f"lm bench: {a['layers']} layers, hidden {a['hidden']}, {a['experts']} experts (top {a['top_k']}), "
           f"vocab {a['vocab']}, fp32 CPU, {torch.get_num_threads()} threads, {a['clock']} clock; medians of "
@@ -135,6 +147,18 @@ def bench_lm(a):
           f"measured fp32 matmul peak they alone allow at most {train_peak:.2f}x transformers' step (decode: "
           f"{decode_peak:.1f}x; it is bound by reading weights, not FLOPs). Both bounds assume the same products: "
           f"ours skips the attention scores no query can see (causal, window), which matters at long sequences")
+    peak_s = products_flops / (training.measure_cpu_peak_tflops(torch.float32) * 1e12)
+    hf_step_s = idx.numel() / result["train"]["transformers"]
+    other_s = step_s - products_s - opt_s
+    print(f"ours' floor: its step is {products_flops / 1e9:.1f} GFLOP of products, {products_s * 1e3:.0f} ms now "
+          f"({products_flops / products_s / 1e9:.0f} GFLOP/s), {peak_s * 1e3:.0f} ms at the measured peak; with the "
+          f"optimizer's {opt_s * 1e3:.0f} ms no implementation of these products can pass "
+          f"{hf_step_s / (peak_s + opt_s):.2f}x transformers' {hf_step_s * 1e3:.0f} ms step. 2x leaves "
+          f"{(hf_step_s / 2 - products_s - opt_s) * 1e3:.0f} ms for everything else at today's product speed; "
+          f"ours spends {other_s * 1e3:.0f} ms on it (norms, RoPE, softmaxes, SwiGLU, routing, gathers)")
+    result["train"].update(ours_step_ms=step_s * 1e3, ours_products_ms=products_s * 1e3,
+                           ours_products_gflop=products_flops / 1e9, ours_products_at_peak_ms=peak_s * 1e3,
+                           ours_optimizer_ms=opt_s * 1e3, max_ratio_ours_products_at_peak=hf_step_s / (peak_s + opt_s))
     for k in models:
         print(f"peak RSS increase, {k:12s}: train step {mem[k]['train_mib']:8.1f} MiB, "
               f"decode {mem[k]['decode_mib']:8.1f} MiB (model {mem[k]['model_mib']:.1f} MiB)")
@@ -172,6 +196,40 @@ def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
     return statistics.median(t / m for t, m in runs), total / (matmul_flops / peak_flops), matmul_flops
 
 
+def product_flops(event):
+    """FLOPs of one profiler row of a matrix product: the profiler's count, or 2 M K N from the input shapes of
+    the in-place addmm_(out (M, N), mat1 (M, K), mat2 (K, N)) it does not count."""
+    if event.flops:
+        return event.flops
+    (M, K), (_, N) = event.input_shapes[1][-2:], event.input_shapes[2][-2:]
+    return 2 * M * K * N * event.count
+
+
+def lm_floor(ours, opt, idx, targets, clock):
+    """What limits ours' training step, measured (medians of 3): its matrix products' FLOPs, the time they take
+    now (profiler self time), the optimizer step's time and the whole step's. The products at this CPU's measured
+    fp32 peak plus the optimizer are the shortest step any implementation of ours' math could take."""
+    from torch.profiler import profile
+    rows = []  # (step s, products s, product FLOPs, optimizer s)
+    for _ in range(3):
+        ours.train()
+        t0 = clock()
+        lm_train_step("ours", ours, opt, idx, targets)
+        step = clock() - t0
+        _, loss = ours(idx, targets)
+        loss.backward()
+        t0 = clock()
+        opt.step()
+        opt_s = clock() - t0
+        opt.zero_grad(set_to_none=True)
+        with profile(record_shapes=True, with_flops=True) as prof:
+            lm_train_step("ours", ours, opt, idx, targets)
+        matmuls = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMUL_OPS]
+        rows.append((step, sum(e.self_cpu_time_total for e in matmuls) * 1e-6, sum(map(product_flops, matmuls)),
+                     opt_s))
+    return [statistics.median(col) for col in zip(*rows)]
+
+
 def lm_peak_memory(a, impl):
     """Peak RSS growth of one training step and one decode, each measured in a fresh subprocess."""
     out = {}
@@ -197,8 +255,7 @@ def bench_lm_memory(a):
     model_mib = sum(p.numel() * p.itemsize for p in m.parameters()) / 2**20
     before = reset_peak_rss_mib()
     if a["phase"] == "train":
-        lm_train_step("ours" if impl == "ours" else "hf", m.train(), torch.optim.AdamW(m.parameters(), lr=1e-4),
-                      idx, targets)
+        lm_train_step("ours" if impl == "ours" else "hf", m.train(), lm_optimizer(m), idx, targets)
     else:
         lm_decode("ours" if impl == "ours" else "hf", m.eval(), prompt, a["new_tokens"])
     peak = proc_status_mib("VmHWM")
