@@ -525,7 +525,6 @@ class GPT(nn.Module):
         return [KVCache(batch, max_len, c.num_key_value_heads, c.head_dim, c.window_of(i), w.dtype, w.device, key_mask)
                 for i in range(c.num_hidden_layers)]
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_tokens=None, inputs_embeds=None,
                  prompt_lens=None, generator=None):
         """Sample max_new_tokens after the prompt with a KV cache; temperature=0.0 is greedy.
@@ -539,6 +538,16 @@ class GPT(nn.Module):
         (or its stop token when that is None), and generation ends when every row has finished.
         Returns (B, T + n) LongTensor, the new tokens in [:, T:], n <= max_new_tokens.
         """
+        # inference mode, not just no_grad: torch skips version counters and view tracking, ~13% of a decoded
+        # token's time at the bench's size (2.62 -> 2.28 ms). Its tensors cannot be changed in place or saved for
+        # backward outside it, so the caller gets an ordinary copy of the ids.
+        with torch.inference_mode():
+            out = self._generate(idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens,
+                                 generator)
+        return out.clone()
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens, generator):
+        """GPT.generate's loop (called in inference mode)."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         B, T = prompt.shape[:2]
         device = prompt.device

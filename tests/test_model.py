@@ -273,6 +273,18 @@ def test_greedy_generate_equals_transformers(pair):
     assert torch.equal(got, expected)
 
 
+def test_generate_returns_ordinary_tensors(pair):
+    """generate decodes in inference mode; what it returns can still be edited in place and trained on."""
+    ours, _ = pair
+    got = ours.generate(tokens(2, 5, seed=9), 4, temperature=0.0)
+    assert not got.is_inference() and got.shape == (2, 9)
+    got[:, 0] = 1  # in place, outside inference mode
+    _, loss = ours(got[:, :-1], got[:, 1:])  # the embedding saves the ids for its backward
+    loss.backward()
+    assert ours.model.embed_tokens.weight.grad is not None
+    ours.zero_grad(set_to_none=True)
+
+
 def test_batched_prompts_of_different_lengths(pair):
     """Left-padded batch == one prompt at a time, token for token (and through inputs_embeds too)."""
     ours, _ = pair
