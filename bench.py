@@ -19,6 +19,7 @@ lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, 
     `--threads=1 --clock=cpu` gives repeatable numbers (with more threads it also counts their spin-waits).
 """
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -197,12 +198,14 @@ def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
 
 
 def product_flops(event):
-    """FLOPs of one profiler row of a matrix product: the profiler's count, or 2 M K N from the input shapes of
-    the in-place addmm_(out (M, N), mat1 (M, K), mat2 (K, N)) it does not count."""
+    """FLOPs of one profiler row of a matrix product: the profiler's count, or, for a product it does not count
+    (the in-place addmm_(out (M, N), mat1 (M, K), mat2 (K, N)), a batched one's (..., M, K)), 2 M K N per matrix
+    from the input shapes, for each of the row's calls."""
     if event.flops:
         return event.flops
-    (M, K), (_, N) = event.input_shapes[1][-2:], event.input_shapes[2][-2:]
-    return 2 * M * K * N * event.count
+    mat1, mat2 = event.input_shapes[1], event.input_shapes[2]
+    (M, K), N = mat1[-2:], mat2[-1]
+    return 2 * M * K * N * math.prod(mat1[:-2]) * event.count
 
 
 def lm_floor(ours, opt, idx, targets, clock):

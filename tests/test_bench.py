@@ -38,3 +38,11 @@ def test_product_flops_of_a_transposed_operand():
     dw, grad, x = torch.zeros(V, C), torch.randn(n, V), torch.randn(n, C)
     (event,) = profiled_products(lambda: dw.addmm_(grad.t(), x))
     assert bench.product_flops(event) == 2 * V * n * C
+
+
+def test_product_flops_of_an_uncounted_batched_product():
+    B, M, K, N = 2, 3, 4, 5
+    out, a, b = torch.zeros(B, M, N), torch.randn(B, M, K), torch.randn(B, K, N)
+    (event,) = profiled_products(lambda: torch.baddbmm(out, a, b))
+    event.flops = 0  # as if the profiler had not counted it: product_flops takes the FLOPs from the shapes
+    assert bench.product_flops(event) == 2 * B * M * K * N
