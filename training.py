@@ -1,40 +1,52 @@
 """
-What the three MedGPT-oss training stages share: configuration, the learning-rate schedule, the step loop,
-logging, the non-finite guard and the checkpoint glue. Each train_stageN.py holds its design notes and recipe
-(presets) and calls `run_stage`, the steps every stage takes, in order.
+The toolbox the three stage scripts share. Each train_stageN.py is a program that holds its stage top to bottom
+(its config, presets, model set-up, data, engine and its own step loop); what those loops call lives here once.
 
 Design choices
-- One flat dataclass, `TrainConfig`, holds every key of every stage. A preset is a plain dict of overrides per
-  stage; the command line applies `--key=value` on top (nanoGPT's configurator, minus
-  exec). Unknown keys and badly typed values stop the run with the closest valid key. Each stage script keeps
-  its own presets at its top, so a stage's recipe is read where the stage is.
+- One flat dataclass, `TrainConfig`, holds the keys every stage has. A stage script subclasses it with its own
+  keys and the paper recipe's values as its defaults (`Stage1Config`, ...), so a key a stage does not use is an
+  error in that stage, and a preset names only what differs from those defaults.
+- The command line is argparse everywhere (stage scripts, eval.py, data tools, tools/): `parse_config` builds the
+  parser from the dataclass, so `--key=value`, `--key value` and `--flag` all work, `--help` lists every key with
+  its default, and an unknown key stops the run with the closest valid one.
 - `global_batch` counts sequences per optimizer step over *all* processes; gradient accumulation is derived from
   it and the world size, so 1 or 8 processes take the same steps. The loss of a micro-batch is weighted by its
   share of the step's target tokens (an all-reduced count), so the gradient is the mean over every target token
-  of the global batch however the batch is cut into micro-batches and ranks.
+  of the global batch however the batch is cut into micro-batches and ranks (`forward_backward`).
 - The optimizer, gradient clipping, sharding and sharded checkpoints are zero.py's; this file only drives them.
-- The starting model is built on the meta device and each rank reads only its ZeRO-3 shard of the checkpoint
-  (build_model -> zero.ZeRO3(load=...)): loading the whole 20B model first would cost ~84 GB of host memory per
-  rank. fsdp2 (a reference path) and --sharded_init=false keep the whole-model load.
+- A stage's starting model is built on the meta device and each rank reads only its ZeRO-3 shard of the
+  checkpoint (`llava_on_meta`, `parts_on_meta` -> zero.ZeRO3(load=...)): loading the whole 20B model first would
+  cost ~84 GB of host memory per rank. fsdp2 (a reference path) and --sharded_init=false keep the whole load.
 - LR: linear warm-up over `warmup_frac` of the steps, then cosine decay to `min_lr` (paper: AdamW, cosine).
 - Non-finite guard: a step whose loss or gradient norm is not finite is skipped (grads dropped, counted); after
   `max_nonfinite` in a row the run saves a checkpoint and stops with a clear message.
 - MFU: model FLOPs (6 x active parameters per token + attention, backward counted as 2 x forward; the unembedding
-  only for tokens with a target, as GPT.forward computes it) against a table
-  of dense peaks per device (B200, H100, H200, A100) or, on a CPU, a peak measured once with a matmul.
+  only for tokens with a target, as GPT.forward computes it) against a table of dense peaks per device (B200,
+  H100, H200, A100) or, on a CPU, a peak measured once with a matmul.
 - Logs: one console line per `log_every` steps (a progress bar with ETA on a terminal), `metrics.jsonl` in out_dir
   (TensorBoard too when the `tensorboard` package is installed). Nothing logs sample text.
 """
+import argparse
 import dataclasses
 import difflib
 import json
 import math
 import os
+import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+import vision
+import zero
+from data.datasets import ImageTokens
+from data.tokenizer import load_tokenizer
+from model import GPTConfig, MedGPT, MedGPTConfig, checkpoint_files, new_projector, param_counts, rope_inv_freq
+from model import IGNORED_CHECKPOINT_KEYS, llava_layout, to_checkpoint_name, write_safetensors
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -42,20 +54,17 @@ import torch
 
 @dataclass
 class TrainConfig:
+    """The keys every stage has. Stage scripts subclass it with their own keys and their recipe's defaults."""
     # what to train from and where to write
     out_dir: str = "out/stage"
-    init_from: str = ""          # stage 1: "parts" (lm_path + clip_path) or "scratch"; stages 2-3: a LLaVA dir
-    lm_path: str = ""            # stage 1, init_from=parts: a released gpt-oss directory
-    clip_path: str = ""          # stage 1, init_from=parts: a released CLIP directory (CLIPModel checkpoint)
+    init_from: str = ""          # stage 1: "parts" or "scratch"; stages 2-3: a LLaVA dir (the previous final/)
     arch: str = "tiny"           # architecture for init_from=scratch and --dry_run: tiny | medgpt-20b
-    data: str = ""               # stage JSONL or mixture JSON (see docs/internals.md)
-    system_prompt: str = ""      # stage 3: a system message rendered before every conversation (eval.py's too)
+    data: str = ""               # stage JSONL or mixture JSON (see docs/data.md)
     seed: int = 1337
     # batch and context
     global_batch: int = 128      # sequences per optimizer step, over all processes
     micro_batch: int = 1         # sequences per forward pass on one process
-    seq_len: int = 4096          # tokens per sequence (the last length of seq_len_schedule, if one is given)
-    seq_len_schedule: str = ""   # "FRAC:LEN,..." e.g. "0:8192,0.5:32768,0.8:131072" (stage 2's long context)
+    seq_len: int = 4096          # tokens per sequence
     max_tiles: int = 1           # image tiles per image (1 = plain LLaVA-1.5)
     # optimisation
     max_steps: int = 1000
@@ -69,14 +78,10 @@ class TrainConfig:
     grad_clip: float = 1.0       # 0 disables clipping
     router_aux_loss_coef: float = -1.0  # load-balancing loss weight; < 0 keeps the checkpoint config's value
     max_nonfinite: int = 5       # non-finite steps in a row before the run saves and stops
-    # train what (stage scripts set these; exposed so an ablation is one flag)
-    train_vision: bool = True
-    train_projector: bool = True
-    train_lm: bool = True
     # precision and memory
     dtype: str = "bfloat16"      # compute dtype; master weights and optimizer state are fp32 (zero.py)
     activation_checkpointing: bool = False
-    sharding: str = "zero3"  # zero3 (zero.ZeRO3, ours) | fsdp2 (PyTorch's fully_shard: a reference, no checkpoints)
+    sharding: str = "zero3"      # zero3 (zero.ZeRO3, ours) | fsdp2 (PyTorch's fully_shard: a reference, no checkpoints)
     sharded_init: bool = True    # zero3: model on the meta device, each rank reads only its shard of the weights
     # bookkeeping
     log_every: int = 1
@@ -87,58 +92,49 @@ class TrainConfig:
     device: str = ""             # "" = cuda:LOCAL_RANK when CUDA is available, else cpu
 
 
-def stage_config(presets: dict, argv: list) -> TrainConfig:
-    """A stage's config from its `--preset=NAME` (default medgpt-20b) and `--key=value` overrides in argv."""
-    preset = "medgpt-20b"
-    rest = []
-    for arg in argv:
-        if arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
+class ConfigParser(argparse.ArgumentParser):
+    """argparse that raises SystemExit(message) instead of printing usage and exiting with 2."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message} (--help lists the keys)")
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_config(config_class, presets: dict, argv: list, prog: str = None):
+    """A stage's config: `--preset=NAME` (default medgpt-20b, the config class's own defaults) overrides the
+    class's defaults, then every `--key=value` of argv overrides the preset."""
+    keys = [f.name for f in dataclasses.fields(config_class)]
+    parser = ConfigParser(prog=prog, allow_abbrev=False, description=(config_class.__doc__ or "").strip())
+    parser.add_argument("--preset", default="medgpt-20b", choices=sorted(presets))
+    for f in dataclasses.fields(config_class):
+        kind = type(f.default)
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, type=parse_bool, nargs="?", const=True, default=None,
+                                help=f"true or false (default {f.default})")
         else:
-            rest.append(arg)
-    if preset not in presets:
-        raise SystemExit(f"--preset={preset}: unknown preset; choose one of {sorted(presets)}")
-    cfg = TrainConfig(**presets[preset])
-    return apply_overrides(cfg, rest)
-
-
-def apply_overrides(cfg: TrainConfig, argv: list) -> TrainConfig:
-    """Apply `--key=value` (or `--flag` for a boolean) to a copy of cfg, converting to each field's type."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    values = {}
-    for arg in argv:
+            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=f"default {f.default!r}")
+    args, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
         if not arg.startswith("--"):
-            raise SystemExit(f"argument {arg!r}: expected --key=value (keys: {', '.join(fields)})")
-        key, has_value, text = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else f"; keys: {', '.join(fields)}"
-            raise SystemExit(f"argument {arg!r}: unknown key {key!r}{hint}")
-        kind = type(getattr(cfg, key))
-        if not has_value:
-            if kind is not bool:
-                raise SystemExit(f"argument {arg!r}: --{key} needs a value (--{key}=...)")
-            text = "true"
-        values[key] = parse_value(key, text, kind)
-    return dataclasses.replace(cfg, **values)
-
-
-def parse_value(key: str, text: str, kind: type):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SystemExit(f"--{key}={text}: expected true or false")
-    try:
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"--{key}={text}: expected a value of type {kind.__name__}") from None
+            raise SystemExit(f"argument {arg!r}: expected --key=value (keys: {', '.join(keys)})")
+        key = arg[2:].partition("=")[0].replace("-", "_")
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"; did you mean --{close[0]}?" if close else "; --help lists the keys"
+        raise SystemExit(f"argument {arg!r}: {parser.prog} has no key {key!r}{hint}")
+    cfg = config_class(**presets[args.preset])
+    return dataclasses.replace(cfg, **{k: v for k, v in vars(args).items() if k in keys and v is not None})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Schedules
+# Learning-rate schedule
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -148,31 +144,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def parse_seq_len_schedule(text: str, default: int) -> list:
-    """'0:8192,0.5:32768' -> [(0.0, 8192), (0.5, 32768)]; '' -> [(0.0, default)]."""
-    if not text:
-        return [(0.0, default)]
-    points = []
-    for item in text.split(","):
-        frac, _, length = item.partition(":")
-        try:
-            points.append((float(frac), int(length)))
-        except ValueError:
-            raise SystemExit(f"--seq_len_schedule={text}: expected FRAC:LEN,... e.g. 0:8192,0.5:32768") from None
-    if points[0][0] != 0.0 or any(a[0] >= b[0] for a, b in zip(points, points[1:])):
-        raise SystemExit(f"--seq_len_schedule={text}: fractions must start at 0 and increase")
-    return points
-
-
-def seq_len_at(step: int, cfg: TrainConfig) -> int:
-    """Context length for this step: the last schedule point whose fraction of max_steps has been reached."""
-    length = cfg.seq_len
-    for frac, point_len in parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len):
-        if step >= frac * cfg.max_steps:
-            length = point_len
-    return length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,6 +189,50 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple:
     return "cpu (measured)", measure_cpu_peak_tflops(dtype)
 
 
+def trains(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def flops_model(model) -> dict:
+    """Forward FLOPs per LM token / per image tile and the training multipliers, from the (unsharded) model with
+    its trainability set. A multiplier is 3 when the part's weights train (forward + backward for inputs and
+    weights), 2 when only the gradient of its input is needed (something before it trains), 1 when no backward
+    runs through it."""
+    lm = model.language_model.config
+    vc = model.config.vision
+    used = vision_blocks_used(model)
+    vision_params = sum(p.numel() for p in model.vision_tower.embeddings.parameters()) \
+        + sum(p.numel() for b in model.vision_tower.encoder.layers[:used] for p in b.parameters())
+    n_vis = vc.tokens_per_tile + 1  # patches + class token
+    projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
+    train_vision, train_projector = trains(model.vision_tower), trains(model.multi_modal_projector)
+    train_lm = trains(model.language_model)
+    return {
+        # the unembedding runs only on rows with a target (GPT.forward), so it is counted per target token
+        "lm_per_token": 2 * (param_counts(lm)["active"] - lm.hidden_size * lm.vocab_size),
+        "unembed_per_target": 2 * lm.hidden_size * lm.vocab_size,
+        "lm_attn": [(lm.num_attention_heads * lm.head_dim, lm.window_of(i)) for i in range(lm.num_hidden_layers)],
+        "vision_per_tile": 2 * vision_params * n_vis + used * 4 * vc.hidden_size * n_vis * n_vis
+        + 2 * projector * model.tokens_per_tile,
+        "lm_mult": 3 if train_lm else (2 if train_vision or train_projector else 1),
+        "vision_mult": 3 if (train_vision or train_projector) else 1,
+    }
+
+
+def step_flops(fm: dict, micro_batches: list) -> float:
+    """Training FLOPs of one process's micro-batches. Attention: 4 x width x (keys a query sees) per token
+    forward, with causal attention seeing T/2 keys on average and a sliding window min(window, T)."""
+    total = 0.0
+    for mb in micro_batches:
+        B, T = mb["input_ids"].shape
+        attn = sum(4 * width * (min(window, T) if window else T / 2) for width, window in fm["lm_attn"])
+        n_targets = int((mb["targets"] != -100).sum())
+        total += fm["lm_mult"] * (B * T * (fm["lm_per_token"] + attn) + n_targets * fm["unembed_per_target"])
+        if mb.get("pixel_values") is not None:
+            total += fm["vision_mult"] * mb["pixel_values"].shape[0] * fm["vision_per_tile"]
+    return total
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Non-finite guard
 
@@ -261,7 +276,6 @@ def memory_gib(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak, or peak resident set size on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -280,10 +294,12 @@ def progress_line(name: str, step: int, max_steps: int, metrics: dict, eta_s: fl
 
 
 class MetricsLogger:
-    """Rank 0 only: metrics.jsonl (appended, so a resumed run continues it), TensorBoard when installed."""
+    """Rank 0 only: metrics.jsonl (appended, so a resumed run continues it), TensorBoard when installed, and the
+    console line with an ETA from the steps this process has run (first_step: where it started)."""
 
-    def __init__(self, out_dir: str, name: str, enabled: bool):
-        self.name, self.enabled, self.tb = name, enabled, None
+    def __init__(self, out_dir: str, name: str, max_steps: int, first_step: int, enabled: bool):
+        self.name, self.max_steps, self.first_step, self.enabled, self.tb = name, max_steps, first_step, enabled, None
+        self.t_start = time.perf_counter()
         self.tty = sys.stdout.isatty()
         if not enabled:
             return
@@ -295,7 +311,7 @@ class MetricsLogger:
         except ImportError:
             pass  # TensorBoard is optional: `pip install tensorboard` to get event files
 
-    def log(self, step: int, max_steps: int, metrics: dict, eta_s: float):
+    def log(self, step: int, metrics: dict):
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -304,8 +320,9 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{self.name}/{key}", value, step)
-        line = progress_line(self.name, step, max_steps, metrics, eta_s)
-        print("\r" + line if self.tty else line, end="" if self.tty and step < max_steps else "\n", flush=True)
+        per_step = (time.perf_counter() - self.t_start) / max(1, step - self.first_step)
+        line = progress_line(self.name, step, self.max_steps, metrics, per_step * (self.max_steps - step))
+        print("\r" + line if self.tty else line, end="" if self.tty and step < self.max_steps else "\n", flush=True)
 
     def close(self):
         if self.enabled:
@@ -314,8 +331,18 @@ class MetricsLogger:
                 self.tb.close()
 
 
+def throughput(micro_batches: list, fm: dict, seconds: float, run, peak_tflops) -> dict:
+    """A step's tokens over all processes, tokens/s, MFU against the device's peak, and this process's peak
+    memory (one collective: every rank calls it on the same steps)."""
+    tokens, flops = all_reduce_sum([sum(mb["input_ids"].numel() for mb in micro_batches),
+                                    step_flops(fm, micro_batches)], run.device)
+    mfu = flops / run.world_size / seconds / (peak_tflops * 1e12) if peak_tflops else None
+    return {"tokens": int(tokens), "tokens_per_s": tokens / seconds, "step_time_s": seconds, "mfu": mfu,
+            "mem_gib": memory_gib(run.device)}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Set-up: process group, dtype, the model's ZeRO units
+# Set-up: process group, dtype, tokenizer, the model's ZeRO units and engine
 
 
 @dataclass
@@ -339,8 +366,6 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def setup(cfg: TrainConfig) -> Run:
     """Process group from torchrun's environment (one process without it), seeds, and the device."""
-    import warnings
-    import zero
     # torch 2.13 renamed the *_tensor collectives zero.py calls; the warning would repeat on every step
     warnings.filterwarnings("ignore", message=r".*_tensor` is deprecated", category=FutureWarning)
     rank, _, world_size, device = zero.init_distributed()
@@ -353,14 +378,28 @@ def setup(cfg: TrainConfig) -> Run:
 
 def shutdown():
     """Leave the process group cleanly (torchrun waits for every rank)."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def has_tokenizer(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+def tokenizer_for(weights_dir: str):
+    """The tokenizer that travels with the weights (their tokenizer.json), else o200k_harmony built offline."""
+    has_one = bool(weights_dir) and os.path.isfile(os.path.join(weights_dir, "tokenizer.json"))
+    return load_tokenizer(weights_dir if has_one else None)
+
+
+def image_tokens(model, max_tiles: int) -> ImageTokens:
+    """How the data pipeline turns each image into image-token ids for this model."""
+    return ImageTokens(max_tiles=max_tiles, image_size=model.config.vision.image_size,
+                       tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
+
+
+def check_batch(rows: int, micro_batch: int, world_size: int, seq_len: int):
+    """Rows per step must split evenly into micro-batches on every process."""
+    if rows % (micro_batch * world_size):
+        raise SystemExit(f"seq_len {seq_len}: {rows} rows per step is not a multiple of micro_batch={micro_batch} x "
+                         f"world_size={world_size}; change --global_batch or --micro_batch")
 
 
 def vision_blocks_used(model) -> int:
@@ -390,7 +429,6 @@ def build_engine(cfg: TrainConfig, model, run: Run, load=None):
     """ZeRO3 (or, with --sharding=fsdp2, PyTorch's fully_shard as a reference) over `model` (trainability
     already set): fp32 masters and AdamW state, compute in run.dtype. load: build_model's reader for a model
     on the meta device (ZeRO3 fills each rank's shard from it)."""
-    import zero
     if cfg.sharding not in ("zero3", "fsdp2"):
         raise SystemExit(f"--sharding={cfg.sharding}: expected zero3 or fsdp2")
     if cfg.sharding == "fsdp2" and (cfg.resume or cfg.ckpt_every > 0):
@@ -414,38 +452,21 @@ def build_engine(cfg: TrainConfig, model, run: Run, load=None):
 # The starting model: whole, or on the meta device with a reader of each rank's shard
 
 
-def build_model(cfg: TrainConfig, stage: int) -> tuple:
-    """(model, load) for build_engine. Stage 1 starts from `parts` (--lm_path, --clip_path) or `scratch`; stages 2
-    and 3 from a LLaVA directory (--init_from, the previous stage's final/). With ZeRO3 (and --sharded_init, the
-    default) the model is built on the meta device and `load(name, start, end)` reads a flat range of a parameter
-    from the checkpoint, so no rank ever holds the whole model. --sharding=fsdp2 and --sharded_init=false load
-    the whole model in fp32 on every rank (about 84 GB for the 20B recipe) and return load=None."""
-    from model import MedGPT
-    whole = cfg.sharding == "fsdp2" or not cfg.sharded_init
-    if stage == 1 and cfg.init_from == "scratch":
-        return MedGPT(arch_config(cfg.arch)), None  # random weights from the seed every rank set in setup()
-    if stage == 1:
-        if cfg.init_from != "parts":
-            raise SystemExit(f"--init_from={cfg.init_from}: stage 1 starts from 'parts' (--lm_path, --clip_path) or "
-                             f"'scratch'")
-        if not cfg.lm_path or not cfg.clip_path:
-            raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and "
-                             "--clip_path=<CLIP dir> (or --preset=tiny to try it on a CPU)")
-        if whole:
-            return MedGPT.from_parts(cfg.lm_path, cfg.clip_path, dtype=torch.float32, seed=cfg.seed), None
-        return parts_on_meta(cfg.lm_path, cfg.clip_path, cfg.seed)
+def start_from_llava(cfg) -> tuple:
+    """(model, load) for build_engine from a LLaVA directory (--init_from, the previous stage's final/). With ZeRO3
+    and --sharded_init (the default) the model is built on the meta device and `load(name, start, end)` reads a
+    flat range of a parameter from the checkpoint, so no rank ever holds the whole model. --sharding=fsdp2 and
+    --sharded_init=false load the whole model in fp32 on every rank (about 84 GB for the 20B) and return None."""
     if not cfg.init_from or not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        raise SystemExit(f"--init_from={cfg.init_from!r}: stage {stage} starts from a LLaVA directory (config.json + "
+        raise SystemExit(f"--init_from={cfg.init_from!r}: this stage starts from a LLaVA directory (config.json + "
                          f"safetensors), e.g. the previous stage's <out_dir>/final")
-    if whole:
+    if cfg.sharding == "fsdp2" or not cfg.sharded_init:
         return MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32), None  # fp32: ZeRO3 casts to cfg.dtype
     return llava_on_meta(cfg.init_from)
 
 
 def llava_on_meta(path: str) -> tuple:
     """(MedGPT on the meta device, reader) for a LLaVA directory in any of model.LLAVA_LAYOUTS."""
-    import zero
-    from model import IGNORED_CHECKPOINT_KEYS, MedGPTConfig, checkpoint_files, llava_layout, to_checkpoint_name
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
         config = MedGPTConfig.from_dict(json.load(f), where=config_path)
@@ -462,9 +483,6 @@ def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
     names from the gpt-oss directory (dense or MXFP4), vision-tower names from the CLIP directory (CLIPModel,
     CLIPVisionModel or LLaVA layout), the projector freshly initialised from `seed` (model.new_projector: the
     same values on every rank and as from_parts)."""
-    import zero
-    import vision
-    from model import MedGPTConfig, checkpoint_files, new_projector
     config = MedGPTConfig.from_parts(lm_path, clip_path)
     model = meta_model(config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -500,85 +518,15 @@ def tensor_reader(tensors: dict):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: one loader per context-length phase
-
-
-def phases(cfg: TrainConfig, world_size: int) -> list:
-    """[(first step, seq_len, rows per step)] of the context-length schedule. Tokens per step stay constant:
-    global_batch rows at the final seq_len, proportionally more rows at shorter lengths."""
-    out = []
-    for frac, length in parse_seq_len_schedule(cfg.seq_len_schedule, cfg.seq_len):
-        rows = cfg.global_batch * cfg.seq_len // length
-        if rows % (cfg.micro_batch * world_size):
-            raise SystemExit(f"seq_len {length}: {rows} rows per step (global_batch x seq_len / {length}) is not a "
-                             f"multiple of micro_batch={cfg.micro_batch} x world_size={world_size}")
-        out.append((math.ceil(frac * cfg.max_steps), length, rows))
-    return out
-
-
-def make_loader(cfg: TrainConfig, dataset, run: Run, seq_len: int, rows: int, phase: int, packing: bool,
-                image_size: int):
-    """The deterministic, resumable loader (data.loader) for one phase of the schedule."""
-    from data.loader import DataLoader
-    return DataLoader(dataset, seq_len=seq_len, global_batch_size=rows, micro_batch_size=cfg.micro_batch,
-                      seed=cfg.seed + 1000 * phase, rank=run.rank, world_size=run.world_size, packing=packing,
-                      max_tiles=cfg.max_tiles, image_size=image_size)
+# What each step calls: forward/backward over micro-batches, checkpoints, the final save
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model FLOPs
-
-
-def flops_model(model, cfg: TrainConfig) -> dict:
-    """Forward FLOPs per LM token / per image tile and the training multipliers, from the (unsharded) model.
-    A multiplier is 3 when the part's weights train (forward + backward for inputs and weights), 2 when only
-    the gradient of its input is needed (something before it trains), 1 when no backward runs through it."""
-    from model import param_counts
-    lm = model.language_model.config
-    vc = model.config.vision
-    used = vision_blocks_used(model)
-    vision_params = sum(p.numel() for p in model.vision_tower.embeddings.parameters()) \
-        + sum(p.numel() for b in model.vision_tower.encoder.layers[:used] for p in b.parameters())
-    n_vis = vc.tokens_per_tile + 1  # patches + class token
-    projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
-    before_lm = cfg.train_vision or cfg.train_projector
-    return {
-        # the unembedding runs only on rows with a target (GPT.forward), so it is counted per target token
-        "lm_per_token": 2 * (param_counts(lm)["active"] - lm.hidden_size * lm.vocab_size),
-        "unembed_per_target": 2 * lm.hidden_size * lm.vocab_size,
-        "lm_attn": [(lm.num_attention_heads * lm.head_dim, lm.window_of(i)) for i in range(lm.num_hidden_layers)],
-        "vision_per_tile": 2 * vision_params * n_vis + used * 4 * vc.hidden_size * n_vis * n_vis
-        + 2 * projector * model.tokens_per_tile,
-        "lm_mult": 3 if cfg.train_lm else (2 if before_lm else 1),
-        "vision_mult": 3 if (cfg.train_vision or cfg.train_projector) else 1,
-    }
-
-
-def step_flops(fm: dict, micro_batches: list) -> float:
-    """Training FLOPs of one process's micro-batches. Attention: 4 x width x (keys a query sees) per token
-    forward, with causal attention seeing T/2 keys on average and a sliding window min(window, T)."""
-    total = 0.0
-    for mb in micro_batches:
-        B, T = mb["input_ids"].shape
-        attn = sum(4 * width * (min(window, T) if window else T / 2) for width, window in fm["lm_attn"])
-        n_targets = int((mb["targets"] != -100).sum())
-        total += fm["lm_mult"] * (B * T * (fm["lm_per_token"] + attn) + n_targets * fm["unembed_per_target"])
-        if mb.get("pixel_values") is not None:
-            total += fm["vision_mult"] * mb["pixel_values"].shape[0] * fm["vision_per_tile"]
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The step loop
-
-
 def all_reduce_sum(values: list, device: torch.device) -> list:
     """Sum a few floats over all processes (one collective)."""
-    import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -606,7 +554,7 @@ def forward_backward(model, micro_batches: list, run: Run) -> dict:
 
 
 def save_state(engine, cfg: TrainConfig, step: int, loader, guard: NonFiniteGuard) -> str:
-    import zero
+    """A resumable checkpoint in <out_dir>/ckpt: ZeRO3's shards, the loader's position, the guard, the config."""
     extra = {"loader": loader.state_dict() if loader is not None else None, "guard": guard.state_dict(),
              "config": dataclasses.asdict(cfg)}
     return zero.save_checkpoint(engine, os.path.join(cfg.out_dir, "ckpt"), step, extra)
@@ -614,7 +562,6 @@ def save_state(engine, cfg: TrainConfig, step: int, loader, guard: NonFiniteGuar
 
 def restore_state(engine, cfg: TrainConfig, guard: NonFiniteGuard) -> tuple:
     """(step, saved loader state) from the newest checkpoint in <out_dir>/ckpt, or (0, None) without --resume."""
-    import zero
     if not cfg.resume:
         return 0, None
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
@@ -626,76 +573,7 @@ def restore_state(engine, cfg: TrainConfig, guard: NonFiniteGuard) -> tuple:
     return step, extra["loader"]
 
 
-def train(cfg: TrainConfig, name: str, model, engine, loader_for, run: Run, fm: dict):
-    """Run steps until max_steps: schedule, accumulation, clipping, guard, logs, checkpoints.
-
-    loader_for(seq_len, rows, phase) returns the DataLoader of a phase of the context-length schedule;
-    fm is flops_model(model, cfg), taken before ZeRO3 emptied the model's parameters.
-    """
-    guard = NonFiniteGuard(cfg.max_nonfinite)
-    step, loader_state = restore_state(engine, cfg, guard)
-    plan = phases(cfg, run.world_size)
-    logger = MetricsLogger(cfg.out_dir, name, enabled=run.is_main)
-    peak_name, peak_tflops = device_peak_tflops(run.device, run.dtype)
-    if run.is_main:
-        print(f"{name}: {cfg.max_steps} steps from step {step}, world {run.world_size}, device {run.device} "
-              f"({peak_name}, peak {peak_tflops or 0:.3g} TFLOP/s {cfg.dtype}), phases (step, seq_len, rows) {plan}",
-              flush=True)
-    loader, phase = None, -1
-    model.train()
-    t_run, steps_timed = time.perf_counter(), 0
-    try:
-        while step < cfg.max_steps:
-            current = max(i for i, (first, _, _) in enumerate(plan) if first <= step)
-            if current != phase:  # a new context length: a new loader, positioned inside its phase
-                if loader is not None:
-                    loader.close()
-                phase, (first, seq_len, rows) = current, plan[current]
-                loader = loader_for(seq_len, rows, phase)
-                if loader_state is not None and loader_state["step"] != step - first:
-                    raise SystemExit(f"--resume: the checkpoint's loader is at step {loader_state['step']} of its "
-                                     f"phase, expected {step - first}; was --seq_len_schedule or --max_steps changed?")
-                loader.load_state_dict(loader_state or {**loader.state_dict(), "step": step - first})
-                loader_state = None
-            t0 = time.perf_counter()
-            micro_batches = loader.next_batch()
-            lr = lr_at(step, cfg)
-            losses = forward_backward(model, micro_batches, run)
-            grad_norm = engine.clip_grad_norm_(cfg.grad_clip)
-            try:
-                if guard.step_ok(losses["ce"] + losses["aux"], grad_norm):
-                    engine.step(lr)
-                else:
-                    engine.zero_grad()
-            except NonFiniteError as e:
-                engine.zero_grad()
-                path = save_state(engine, cfg, step, loader, guard)
-                raise SystemExit(f"{name}: stopped at step {step}: {e}. State saved to {path}") from None
-            step += 1
-            dt = time.perf_counter() - t0
-            if step > 1:
-                steps_timed += 1  # the first step pays for warm-up; the ETA uses the rest
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-                save_state(engine, cfg, step, loader, guard)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                tokens, flops = all_reduce_sum([sum(mb["input_ids"].numel() for mb in micro_batches),
-                                                step_flops(fm, micro_batches)], run.device)
-                mean_dt = (time.perf_counter() - t_run) / max(1, steps_timed + 1)
-                metrics = {"loss": losses["ce"], "aux_loss": losses["aux"], "grad_norm": grad_norm, "lr": lr,
-                           "seq_len": plan[phase][1], "tokens": int(tokens), "target_tokens": losses["target_tokens"],
-                           "tokens_per_s": tokens / dt, "step_time_s": dt,
-                           "mfu": flops / run.world_size / dt / (peak_tflops * 1e12) if peak_tflops else None,
-                           "mem_gib": memory_gib(run.device), "skipped_steps": guard.skipped}
-                logger.log(step, cfg.max_steps, metrics, eta_s=mean_dt * (cfg.max_steps - step))
-    finally:
-        if loader is not None:
-            loader.close()
-        logger.close()
-    return step
-
-
 def barrier():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -703,8 +581,6 @@ def barrier():
 def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str:
     """The trained model to <out_dir>/final in llava-hf's LLaVA layout (what MedGPT.from_pretrained and
     transformers read), streamed one ZeRO3 buffer at a time: no process ever holds the whole model."""
-    import zero
-    from model import to_checkpoint_name, write_safetensors
     path = os.path.join(cfg.out_dir, "final")
     params = zero.iter_full_params(engine, dtype=run.dtype)  # a collective: every rank iterates to the end
     if not run.is_main:
@@ -722,42 +598,6 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
     return path
 
 
-def run_stage(cfg: TrainConfig, stage: int, packing: bool):
-    """One stage, start to end, the same steps for all three (what differs is in each script's presets and its
-    `packing`): the model on the meta device with a shard reader, trainability, the tokenizer that travels with
-    the weights, the data, ZeRO-3, the step loop, the final model in LLaVA format under <out_dir>/final."""
-    from data.datasets import ImageTokens, load_dataset
-    from data.tokenizer import load_tokenizer
-    name = f"stage{stage}"
-    run = setup(cfg)
-    if cfg.dry_run:
-        print(json.dumps(dry_run(cfg, stage, run.world_size)))
-        return None
-
-    model, load = build_model(cfg, stage)  # meta device + a reader of each rank's shard
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
-    freeze_unused(model)
-    weights_dir = cfg.lm_path if cfg.init_from == "parts" else cfg.init_from  # stage 1 starts from gpt-oss's dir
-    tok = load_tokenizer(weights_dir if weights_dir and has_tokenizer(weights_dir) else None)
-    vision_cfg = model.config.vision
-    image_tokens = ImageTokens(max_tiles=cfg.max_tiles, image_size=vision_cfg.image_size,
-                               tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
-    dataset = load_dataset(cfg.data, stage, tok, image_tokens, system_prompt=cfg.system_prompt or None)
-
-    fm = flops_model(model, cfg)  # before ZeRO3 takes the parameters' storage
-    engine = build_engine(cfg, model, run, load)
-
-    def loader_for(seq_len, rows, phase):
-        return make_loader(cfg, dataset, run, seq_len, rows, phase, packing=packing, image_size=vision_cfg.image_size)
-
-    train(cfg, name, model, engine, loader_for, run, fm)
-    path = save_final(engine, model, cfg, run, tok)
-    if run.is_main:
-        print(f"{name}: final model in {path}", flush=True)
-    shutdown()
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Architectures and the dry run
 
@@ -765,8 +605,6 @@ def run_stage(cfg: TrainConfig, stage: int, packing: bool):
 def arch_config(name: str):
     """MedGPTConfig of an architecture: 'medgpt-20b' (CLIP ViT-L/14-336 + gpt-oss-20b) or 'tiny' (a CPU-sized
     model that keeps the real 201088-token vocabulary, so the real o200k_harmony tokenizer works)."""
-    import vision
-    from model import GPTConfig, MedGPTConfig
     if name == "medgpt-20b":
         return MedGPTConfig(text=GPTConfig.preset("gpt-oss-20b"), vision=vision.CLIPVisionConfig())
     if name == "tiny":
@@ -785,7 +623,6 @@ def meta_model(config):
     """MedGPT on the meta device: shapes and counts, no parameter memory. What __init__ computes rather than
     allocates must come out real (ZeRO3 shards parameters only): GPT._inv_freq, an fp32 attribute that is not a
     buffer, is recomputed if it landed on meta; any other meta buffer or tensor attribute is an error."""
-    from model import MedGPT, rope_inv_freq
     with torch.device("meta"):
         model = MedGPT(config)
     lm = model.language_model
@@ -801,102 +638,36 @@ def meta_model(config):
     return model
 
 
-def dry_run(cfg: TrainConfig, stage: int, world_size: int) -> dict:
-    """The plan of a run without running it: parameter counts, the batch arithmetic, and the per-GPU memory of
-    ZeRO-3 at the longest context (zero.memory_plan). Printed as one JSON line, last."""
+def dry_run(cfg: TrainConfig, model, world_size: int, phases: list) -> dict:
+    """The plan of a run without running it, for `model` on the meta device with its trainability set: parameter
+    counts, the batch arithmetic of each context-length phase [(first step, seq_len, rows per step)], and the
+    per-GPU memory of ZeRO-3 at the longest context (zero.memory_plan). Printed as one JSON line, last."""
     world_size = cfg.plan_world_size or world_size
-    import zero
-    from model import param_counts
-    config = arch_config(cfg.arch)
-    model = meta_model(config)
-    freeze_unused(model)
+    config = model.config
     counts = param_counts(config.text)
     vision_params = sum(p.numel() for p in model.vision_tower.parameters())
     projector_params = sum(p.numel() for p in model.multi_modal_projector.parameters())
     vision_units = [sum(p.numel() for p in b.parameters()) for b in zero_units(model)[:vision_blocks_used(model)]]
-    trainable = {"vision": cfg.train_vision, "projector": cfg.train_projector, "lm": cfg.train_lm}
-    n_trainable = (counts["total"] * cfg.train_lm + vision_params * cfg.train_vision
-                   + projector_params * cfg.train_projector)
+    trainable = {"vision": trains(model.vision_tower), "projector": trains(model.multi_modal_projector),
+                 "lm": trains(model.language_model)}
+    n_trainable = (counts["total"] * trainable["lm"] + vision_params * trainable["vision"]
+                   + projector_params * trainable["projector"])
     n_all = counts["total"] + vision_params + projector_params
-    plan = phases(cfg, world_size)
-    longest = max(length for _, length, _ in plan)
-    memory = zero.memory_plan(config.text, world_size, longest, micro_batch=cfg.micro_batch, dtype=torch_dtype(cfg.dtype),
-                              trainable=n_trainable / n_all, extra_unit_params=vision_units + [projector_params],
+    for _, length, rows in phases:
+        check_batch(rows, cfg.micro_batch, world_size, length)
+    longest = max(length for _, length, _ in phases)
+    memory = zero.memory_plan(config.text, world_size, longest, micro_batch=cfg.micro_batch,
+                              dtype=torch_dtype(cfg.dtype), trainable=n_trainable / n_all,
+                              extra_unit_params=vision_units + [projector_params],
                               checkpointing=cfg.activation_checkpointing)
-    out = {"stage": stage, "arch": cfg.arch, "lm_params_total": counts["total"], "lm_params_active": counts["active"],
-           "vision_params": vision_params, "projector_params": projector_params, "trainable_params": n_trainable,
-           "trains": trainable, "world_size": world_size, "seq_len": longest,
-           "seq_len_phases": [{"first_step": s, "seq_len": n, "rows_per_step": r} for s, n, r in plan],
-           "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
-           "grad_accum": plan[-1][2] // (cfg.micro_batch * world_size),
-           "tokens_per_step": plan[-1][2] * longest, "max_steps": cfg.max_steps, "lr": cfg.lr,
-           "warmup_steps": math.ceil(cfg.warmup_frac * cfg.max_steps), "dtype": cfg.dtype,
-           "activation_checkpointing": cfg.activation_checkpointing,
-           "per_gpu_gib": round(memory["total"], 2),
-           "per_gpu_gib_parts": {k: round(v, 2) for k, v in memory.items() if k not in ("total", "params_total")}}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# `make demo`'s closing report: python training.py demo-report out/demo
-
-
-def demo_report(root: str) -> str:
-    """Loss per stage, held-out accuracy per question kind against the majority-answer baseline, and the trained
-    model answering one held-out image question. Reads what the demo's steps wrote under root."""
-    lines = ["", "## MedGPT-oss nano demo: results", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
-    for stage in ("stage1", "stage2", "stage3"):
-        with open(os.path.join(root, stage, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        lines.append(f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.3f} | {rows[-1]['loss']:.3f} |")
-    with open(os.path.join(root, "data", "stats.json")) as f:
-        stats = json.load(f)
-    with open(os.path.join(root, "data", "eval", "demo_vqa", "test.jsonl")) as f:
-        kind_of = {item["id"]: item["kind"] for item in map(json.loads, f)}
-    with open(os.path.join(root, "eval", "items.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if r["benchmark"] == "demo_vqa"]
-    lines += ["", "| held-out question kind | n | trained model | majority answer (from training) |", "|---|---|---|---|"]
-    for kind, base in stats["majority_baseline"].items():
-        mine = [r["correct"] for r in records if kind_of.get(r["id"]) == kind]
-        if mine:
-            lines.append(f"| {kind} | {len(mine)} | {100 * sum(mine) / len(mine):.1f}% | "
-                         f"{100 * base['accuracy']:.1f}% ('{base['majority_train_answer']}') |")
-    accuracy = sum(r["correct"] for r in records) / len(records)
-    baseline = stats["majority_baseline_demo_vqa"]
-    with open(os.path.join(root, "eval", "results.json")) as f:
-        low, high = json.load(f)["benchmarks"]["demo_vqa"]["ci95"]  # eval.py's bootstrap interval, in percent
-    verdict = "beats" if accuracy > baseline else "does NOT beat"
-    # say whether the margin is more than resampling noise: the baseline inside the interval means it is not
-    margin = ("clearly (the baseline is below the 95% interval)" if 100 * baseline < low else
-              "but within noise (the baseline is inside the 95% interval)" if accuracy > baseline else "")
-    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
-              f"{100 * baseline:.1f}% |", "",
-              f"The trained model {verdict} the majority-answer baseline on held-out images {margin}".rstrip() + "."]
-    oracle = stats.get("best_constant_baseline_demo_vqa")
-    if oracle is not None:  # stricter: the best constant answer per kind, chosen on the held-out answers
-        side = ("below" if 100 * oracle < low else "inside" if 100 * oracle <= high else "above")
-        lines.append(f"Stricter check: the best constant answer per kind, chosen on the held-out set itself, scores "
-                     f"{100 * oracle:.1f}% ({side} the model's 95% interval).")
-    return "\n".join(lines)
-
-
-def demo_answer(root: str) -> str:
-    """The trained model answering the first held-out image question (greedy, eval.py's prompt)."""
-    import eval as harness
-    items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)
-    model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
-    # reasoning: the demo model names the modality in its analysis message first (data/demo.py), as `make demo`
-    # evaluates it (eval.py --reasoning)
-    encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
-                              is_multimodal, reasoning=True)
-    item = items[0]
-    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 24)[0]
-    return (f"\nimage: {item['images'][0]}\nquestion: {harness.build_prompt(item)}\n"
-            f"model answer: {answer!r}   (reference: {item['answer']!r})")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "demo-report":
-        raise SystemExit("usage: python training.py demo-report OUT_DIR   (the stage scripts are train_stage{1,2,3}.py)")
-    print(demo_answer(sys.argv[2]))
-    print(demo_report(sys.argv[2]))
+    return {"arch": cfg.arch, "lm_params_total": counts["total"], "lm_params_active": counts["active"],
+            "vision_params": vision_params, "projector_params": projector_params, "trainable_params": n_trainable,
+            "trains": trainable, "world_size": world_size, "seq_len": longest,
+            "seq_len_phases": [{"first_step": s, "seq_len": n, "rows_per_step": r} for s, n, r in phases],
+            "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch,
+            "grad_accum": phases[-1][2] // (cfg.micro_batch * world_size),
+            "tokens_per_step": phases[-1][2] * phases[-1][1], "max_steps": cfg.max_steps, "lr": cfg.lr,
+            "warmup_steps": math.ceil(cfg.warmup_frac * cfg.max_steps), "dtype": cfg.dtype,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "per_gpu_gib": round(memory["total"], 2),
+            "per_gpu_gib_parts": {k: round(v, 2) for k, v in memory.items() if k not in ("total", "params_total")}}

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+import vision
+
 from .harmony import IMAGE_PLACEHOLDER, RenderError, developer_text, render_conversation, targets_from_mask
 from .tokenizer import ENDOFTEXT, IMAGE_TOKEN_ID, encode_ordinary
-
-STAGES = (1, 2, 3)
-
 
 @dataclass
 class Sample:
@@ -67,7 +66,6 @@ class ImageTokens:
             raise BadRecord(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         if self.max_tiles == 1:
             return 1
-        import vision  # lazily: only tiling needs it
         return vision.num_tiles(width, height, self.max_tiles, self.image_size)
 
 
@@ -277,21 +275,16 @@ def conversation_sample(record, base_dir, tok, spec, source, system_prompt=None)
     return Sample(r.ids, targets_from_mask(r.ids, r.loss_mask), images, r.image_spans, tiles, source)
 
 
-READERS = {1: caption_sample, 2: document_sample, 3: conversation_sample}
-
-
-def load_jsonl(path, stage, tok, image_tokens=None, *, skip_bad=False, report=None, system_prompt=None) -> list:
-    """Samples of one stage-`stage` JSONL file. Bad records raise DataError, or with skip_bad go to `report`."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+def load_jsonl(path, read_record, tok, image_tokens=None, *, skip_bad=False, report=None) -> list:
+    """Samples of one JSONL file, each record made by `read_record` (caption_sample for stage 1, document_sample
+    for stage 2, conversation_sample for stage 3). Bad records raise DataError, or with skip_bad go to `report`."""
     spec = image_tokens or ImageTokens()
     report = report if report is not None else DataReport()
     base_dir = os.path.dirname(os.path.abspath(path))
-    extra = {"system_prompt": system_prompt} if stage == 3 else {}
     samples = []
     for line_no, record in read_jsonl(path, report, skip_bad):
         try:
-            samples.append(READERS[stage](record, base_dir, tok, spec, f"{path}:{line_no}", **extra))
+            samples.append(read_record(record, base_dir, tok, spec, f"{path}:{line_no}"))
         except BadRecord as e:
             bad(report, skip_bad, path, line_no, str(e))
     report.samples += len(samples)
@@ -321,14 +314,13 @@ def read_mixture(path) -> list:
     return out
 
 
-def load_dataset(path, stage, tok, image_tokens=None, *, skip_bad=False, system_prompt=None) -> Dataset:
-    """A stage's data set from a JSONL file (weight 1) or a mixture JSON."""
+def load_dataset(path, read_record, tok, image_tokens=None, *, skip_bad=False) -> Dataset:
+    """A stage's data set from a JSONL file (weight 1) or a mixture JSON; `read_record` as in load_jsonl."""
     path = str(path)
     files = read_mixture(path) if path.endswith(".json") else [(path, 1.0)]
     report, samples, parts = DataReport(), [], []
     for file, weight in files:
         start = len(samples)
-        samples += load_jsonl(file, stage, tok, image_tokens, skip_bad=skip_bad, report=report,
-                              system_prompt=system_prompt)
+        samples += load_jsonl(file, read_record, tok, image_tokens, skip_bad=skip_bad, report=report)
         parts.append((file, start, len(samples), weight))
     return Dataset(samples, parts, report)

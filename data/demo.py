@@ -43,8 +43,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
+import eval as harness
 from data.convert import text_sha256  # one normalisation for all training/eval hashes
 
 # -----------------------------------------------------------------------------
@@ -627,14 +629,79 @@ def print_stats(stats):
     print("files: " + ", ".join(f"{k} {v}" for k, v in stats["files"].items()))
 
 
+# -----------------------------------------------------------------------------
+# `make demo`'s closing report: python -m data.demo --report out/demo
+
+
+def demo_report(root: str) -> str:
+    """Loss per stage, held-out accuracy per question kind against the majority-answer baseline, and the trained
+    model answering one held-out image question. Reads what the demo's steps wrote under root."""
+    lines = ["", "## MedGPT-oss nano demo: results", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
+    for stage in ("stage1", "stage2", "stage3"):
+        with open(os.path.join(root, stage, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        lines.append(f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.3f} | {rows[-1]['loss']:.3f} |")
+    with open(os.path.join(root, "data", "stats.json")) as f:
+        stats = json.load(f)
+    with open(os.path.join(root, "data", "eval", "demo_vqa", "test.jsonl")) as f:
+        kind_of = {item["id"]: item["kind"] for item in map(json.loads, f)}
+    with open(os.path.join(root, "eval", "items.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if r["benchmark"] == "demo_vqa"]
+    lines += ["", "| held-out question kind | n | trained model | majority answer (from training) |", "|---|---|---|---|"]
+    for kind, base in stats["majority_baseline"].items():
+        mine = [r["correct"] for r in records if kind_of.get(r["id"]) == kind]
+        if mine:
+            lines.append(f"| {kind} | {len(mine)} | {100 * sum(mine) / len(mine):.1f}% | "
+                         f"{100 * base['accuracy']:.1f}% ('{base['majority_train_answer']}') |")
+    accuracy = sum(r["correct"] for r in records) / len(records)
+    baseline = stats["majority_baseline_demo_vqa"]
+    with open(os.path.join(root, "eval", "results.json")) as f:
+        low, high = json.load(f)["benchmarks"]["demo_vqa"]["ci95"]  # eval.py's bootstrap interval, in percent
+    verdict = "beats" if accuracy > baseline else "does NOT beat"
+    # say whether the margin is more than resampling noise: the baseline inside the interval means it is not
+    margin = ("clearly (the baseline is below the 95% interval)" if 100 * baseline < low else
+              "but within noise (the baseline is inside the 95% interval)" if accuracy > baseline else "")
+    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
+              f"{100 * baseline:.1f}% |", "",
+              f"The trained model {verdict} the majority-answer baseline on held-out images {margin}".rstrip() + "."]
+    oracle = stats.get("best_constant_baseline_demo_vqa")
+    if oracle is not None:  # stricter: the best constant answer per kind, chosen on the held-out answers
+        side = ("below" if 100 * oracle < low else "inside" if 100 * oracle <= high else "above")
+        lines.append(f"Stricter check: the best constant answer per kind, chosen on the held-out set itself, scores "
+                     f"{100 * oracle:.1f}% ({side} the model's 95% interval).")
+    return "\n".join(lines)
+
+
+def demo_answer(root: str) -> str:
+    """The trained model answering the first held-out image question (greedy, eval.py's prompt)."""
+    items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)
+    model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
+    # reasoning: the demo model names the modality in its analysis message first (data/demo.py), as `make demo`
+    # evaluates it (eval.py --reasoning)
+    encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
+                              is_multimodal, reasoning=True)
+    item = items[0]
+    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 24)[0]
+    return (f"\nimage: {item['images'][0]}\nquestion: {harness.build_prompt(item)}\n"
+            f"model answer: {answer!r}   (reference: {item['answer']!r})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the MedGPT-oss nano demo data set from packaged medical images.")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder of the demo data set")
+    parser.add_argument("--report", metavar="DEMO_DIR",
+                        help="instead of building: the results of a finished `make demo` run under DEMO_DIR")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--size", type=int, default=128, help="saved image side in pixels")
     parser.add_argument("--no-think", dest="think", action="store_false",
                         help="no analysis message before modality answers (evaluate without --reasoning then)")
     args = parser.parse_args(argv)
+    if args.report:
+        print(demo_answer(args.report))
+        print(demo_report(args.report))
+        return
+    if not args.out:
+        parser.error("--out is required (or --report DEMO_DIR)")
     print_stats(build(args.out, seed=args.seed, size=args.size, think=args.think))
     print(f"wrote {args.out}")
 

@@ -19,22 +19,27 @@ Design choices
 - state_dict() is {step, seed, global_batch_size, fingerprint of the data}; load_state_dict() continues at
   exactly the next batch, and refuses a different data set, seed or global batch size.
 """
+import argparse
 import hashlib
+import json
 import os
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .datasets import DataError, DataReport
+import vision
+
+from .datasets import DataError, DataReport, ImageTokens, conversation_sample, load_dataset
 from .packing import pack, packed_row, truncate_all
-from .tokenizer import ENDOFTEXT
+from .tokenizer import ENDOFTEXT, load_tokenizer
 
 
 def load_tiles(path, max_tiles, image_size) -> torch.Tensor:
     """Decode and preprocess one image -> (n_tiles, 3, S, S). Runs in a worker (thread or process)."""
-    import vision  # lazily: the data package itself does not need the model code
     with Image.open(path) as image:
         return vision.image_to_tiles(image, max_tiles=max_tiles, size=image_size)
 
@@ -248,7 +253,6 @@ class DataLoader:
 def real_image_folder(folder) -> list:
     """Real medical images that registry packages ship, written as files: scikit-image's fundus photograph
     (1411 x 1411 JPEG), microaneurysm and histology photographs (CC0), pydicom's CT and MR test slices (16-bit)."""
-    import os
     try:
         import numpy
         import pydicom
@@ -270,12 +274,6 @@ def real_image_folder(folder) -> list:
 
 
 def bench(steps=10, batch=8, max_tiles=1, image_size=336):
-    import json
-    import os
-    import tempfile
-    import time
-    from .datasets import ImageTokens, load_dataset
-    from .tokenizer import load_tokenizer
     tok = load_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         paths = real_image_folder(tmp)
@@ -285,7 +283,7 @@ def bench(steps=10, batch=8, max_tiles=1, image_size=336):
                     {"from": "human", "value": "<image>\nWhat modality is this?"},
                     {"from": "gpt", "value": "A medical image."}]}) + "\n")
         spec = ImageTokens(max_tiles=max_tiles, image_size=image_size, tokens_per_tile=(image_size // 14) ** 2)
-        dataset = load_dataset(os.path.join(tmp, "conv.jsonl"), 3, tok, spec)
+        dataset = load_dataset(os.path.join(tmp, "conv.jsonl"), conversation_sample, tok, spec)
         print(f"{len(paths)} real images, {batch} samples per step, max_tiles={max_tiles}, image_size={image_size}, "
               f"torch threads={torch.get_num_threads()}")
         for name, kwargs in (("inline", dict(num_workers=0)), ("thread x2", dict(workers="thread", num_workers=2)),
@@ -303,7 +301,6 @@ def bench(steps=10, batch=8, max_tiles=1, image_size=336):
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="data loader throughput on real medical images (CPU)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)

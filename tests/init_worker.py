@@ -2,8 +2,8 @@
 Worker for the sharded-initialisation tests in tests/test_train_stages.py, launched on 2 processes (torchrun, gloo)
 or as one plain process:
   compare  each case (stage + directories) twice: the whole-model load every rank did before (--sharded_init=false)
-           and the meta-device start (training.build_model's default), each wrapped in ZeRO3 by
-           training.build_engine; two training steps on the same batch. Writes the losses, gradient norms, the
+           and the meta-device start (the default of train_stage1.build_model and training.start_from_llava),
+           each wrapped in ZeRO3 by training.build_engine; two training steps on the same batch. Writes the losses, gradient norms, the
            flops model and config of both, and every parameter (consolidated) before and after the steps.
   memory   one case with --sharded_init true or false, ZeRO3 over it, nothing else; reports this process's VmHWM
            (its own peak resident set, file-backed pages of mapped checkpoints included) and ZeRO3's shard bytes.
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_stage1  # noqa: E402
 import training  # noqa: E402
 import zero  # noqa: E402
 
@@ -29,12 +30,13 @@ def peak_rss_bytes():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
 
 
-def case_config(case: dict) -> training.TrainConfig:
-    stage1 = case["stage"] == 1
-    return training.TrainConfig(init_from=case["init_from"], lm_path=case.get("lm_path", ""),
-                                clip_path=case.get("clip_path", ""), dtype=case.get("dtype", "float32"),
-                                lr=1e-2, weight_decay=0.1, grad_clip=1.0, seed=1337, train_vision=not stage1,
-                                train_projector=True, train_lm=not stage1, router_aux_loss_coef=0.01)
+def case_config(case: dict) -> train_stage1.Stage1Config:
+    """Stage 1's config (its keys are the common ones plus lm_path and clip_path), beta2 and checkpointing as
+    training.TrainConfig's defaults."""
+    return train_stage1.Stage1Config(init_from=case["init_from"], lm_path=case.get("lm_path", ""),
+                                     clip_path=case.get("clip_path", ""), dtype=case.get("dtype", "float32"),
+                                     lr=1e-2, weight_decay=0.1, grad_clip=1.0, seed=1337, beta2=0.95,
+                                     activation_checkpointing=False, router_aux_loss_coef=0.01)
 
 
 def global_batch(model, world_size, rank):
@@ -58,10 +60,11 @@ def global_batch(model, world_size, rank):
 
 def build(cfg, stage, run):
     run = dataclasses.replace(run, dtype=training.torch_dtype(cfg.dtype))
-    model, load = training.build_model(cfg, stage)
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
+    # as the stage scripts start: stage 1 from parts, training the projector; stage 2 from LLaVA, everything
+    model, load = train_stage1.build_model(cfg) if stage == 1 else training.start_from_llava(cfg)
+    model.set_trainable(vision=stage != 1, projector=True, lm=stage != 1)
     training.freeze_unused(model)
-    info = {"meta": any(p.is_meta for p in model.parameters()), "flops": training.flops_model(model, cfg),
+    info = {"meta": any(p.is_meta for p in model.parameters()), "flops": training.flops_model(model),
             "config": model.config.to_dict(), "inv_freq": model.language_model._inv_freq.tolist(),
             "attention_factor": model.language_model.attention_factor}
     return model, training.build_engine(cfg, model, run, load), info

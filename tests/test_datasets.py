@@ -49,7 +49,7 @@ def test_stage1_both_layouts(tok, tiktoken_enc, images, tmp_path):
         {"id": "x", "image": "imgs/retina.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": caption}]},
     ])
-    a, b = D.load_jsonl(f, 1, tok, SPEC)
+    a, b = D.load_jsonl(f, D.caption_sample, tok, SPEC)
     want = [IMAGE_TOKEN_ID] * 4 + tiktoken_enc.encode_ordinary(caption) + [ENDOFTEXT]
     assert a.ids == b.ids == want
     assert trained(a) == tiktoken_enc.encode_ordinary(caption) + [ENDOFTEXT]  # loss on caption + <|endoftext|>
@@ -65,7 +65,7 @@ def test_stage2_text_and_interleaved(tok, tiktoken_enc, images, tmp_path):
         {"content": [{"type": "text", "text": t1}, {"type": "image", "image": "imgs/microaneurysms.png"},
                      {"type": "text", "text": t2}, {"type": "image", "image": str(images["ihc"])}]},
     ])
-    text, mixed = D.load_jsonl(f, 2, tok, SPEC)
+    text, mixed = D.load_jsonl(f, D.document_sample, tok, SPEC)
     assert text.ids == tiktoken_enc.encode_ordinary(t1 + t2) + [ENDOFTEXT]
     assert trained(text) == text.ids[1:]  # every next token is trained
     e1, e2 = tiktoken_enc.encode_ordinary(t1), tiktoken_enc.encode_ordinary(t2)
@@ -83,7 +83,7 @@ def test_stage3_equals_harmony(tok, harmony_enc, images, tmp_path):
         {"from": "human", "value": "Any haemorrhage?"}, {"from": "gpt", "value": "No."}]}
     f = write_jsonl(tmp_path / "conv.jsonl", [record, {"conversations": [
         {"from": "human", "value": "Define HbA1c."}, {"from": "gpt", "value": "Glycated haemoglobin."}]}])
-    s, text_only = D.load_jsonl(f, 3, tok, SPEC)
+    s, text_only = D.load_jsonl(f, D.conversation_sample, tok, SPEC)
     A = Role.ASSISTANT
     conv = Conversation.from_messages([
         Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("You are an ophthalmologist.")),
@@ -105,25 +105,26 @@ def test_tiling_counts_tokens_with_vision(tok, images, tmp_path):
     import vision
     spec = D.ImageTokens(max_tiles=4, image_size=28, tokens_per_tile=4)
     f = write_jsonl(tmp_path / "cap.jsonl", [{"image": f"imgs/{n}.png", "caption": "x"} for n in ("retina", "microaneurysms", "ihc")])
-    for s, name in zip(D.load_jsonl(f, 1, tok, spec), ("retina", "microaneurysms", "ihc")):
+    for s, name in zip(D.load_jsonl(f, D.caption_sample, tok, spec), ("retina", "microaneurysms", "ihc")):
         w, h = Image.open(images[name]).size
         n = vision.num_tiles(w, h, 4, 28)
         assert s.image_tiles == [n] and s.ids.count(IMAGE_TOKEN_ID) == 4 * n
-    assert {s.image_tiles[0] for s in D.load_jsonl(f, 1, tok, spec)} != {1}  # tiling happened
+    assert {s.image_tiles[0] for s in D.load_jsonl(f, D.caption_sample, tok, spec)} != {1}  # tiling happened
 
 
 def test_mixture(tok, images, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "alpha"}, {"text": "beta"}])
     write_jsonl(tmp_path / "b.jsonl", [{"content": [{"type": "image", "image": "imgs/ihc.png"}, {"type": "text", "text": "gamma"}]}])
     (tmp_path / "mix.json").write_text(json.dumps({"datasets": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl", "weight": 0.5}]}))
-    ds = D.load_dataset(tmp_path / "mix.json", 2, tok, SPEC)
+    ds = D.load_dataset(tmp_path / "mix.json", D.document_sample, tok, SPEC)
     assert [(os.path.basename(p), s, e, w) for p, s, e, w in ds.parts] == [("a.jsonl", 0, 2, 2.0), ("b.jsonl", 2, 3, 0.5)]
     assert len(ds.samples) == 3 and ds.report.samples == 3
     (tmp_path / "bad.json").write_text(json.dumps({"datasets": [{"path": "a.jsonl", "weight": -1}]}))
     with pytest.raises(D.DataError, match="weight must be a number >= 0"):
-        D.load_dataset(tmp_path / "bad.json", 2, tok, SPEC)
+        D.load_dataset(tmp_path / "bad.json", D.document_sample, tok, SPEC)
 
 
+READERS = {1: D.caption_sample, 2: D.document_sample, 3: D.conversation_sample}
 BAD = [  # (stage, record line, reason the error must give)
     (3, '{"conversations": [{"from": "human", "value": "hi"}', "malformed JSON"),
     (3, '["not", "an", "object"]', "malformed JSON: expected an object"),
@@ -146,7 +147,7 @@ def test_bad_input_errors_name_file_and_line(tok, images, tmp_path, stage, line,
             3: {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}}[stage]
     f = write_jsonl(tmp_path / "d.jsonl", [good, "", line])  # the bad record is on line 3
     with pytest.raises(D.DataError, match=rf"d\.jsonl:3: {reason}"):
-        D.load_jsonl(f, stage, tok, SPEC)
+        D.load_jsonl(f, READERS[stage], tok, SPEC)
 
 
 def test_skip_mode_counts_and_lists(tok, images, tmp_path):
@@ -154,7 +155,7 @@ def test_skip_mode_counts_and_lists(tok, images, tmp_path):
     good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     bad3 = [line for stage, line, _ in BAD if stage == 3]
     f = write_jsonl(tmp_path / "d.jsonl", [good] + bad3 + [good])
-    ds = D.load_dataset(f, 3, tok, SPEC, skip_bad=True)
+    ds = D.load_dataset(f, D.conversation_sample, tok, SPEC, skip_bad=True)
     assert len(ds.samples) == 2 and ds.report.samples == 2
     assert [line for _, line, _ in ds.report.skipped] == list(range(2, 2 + len(bad3)))
     summary = ds.report.summary()

@@ -167,7 +167,7 @@ def test_a_changed_tag_stops_the_build():
 
 
 def test_the_stage_readers_load_every_record(built):
-    """The consumer (data.datasets, engineer C's) reads all three mixtures without a bad record."""
+    """The stage scripts' reader (data.datasets) reads all three mixtures without a bad record."""
     datasets = pytest.importorskip("data.datasets")
     from data.tokenizer import load_tokenizer
     out, _ = built
@@ -176,8 +176,9 @@ def test_the_stage_readers_load_every_record(built):
              "2": len(read_jsonl(out / "interleaved.jsonl")) + len(read_jsonl(out / "text.jsonl")),
              "3": len(read_jsonl(out / "conversations.jsonl")) + len(read_jsonl(out / "modality_drills.jsonl"))
              + len(read_jsonl(out / "text_conversations.jsonl"))}
+    readers = {1: datasets.caption_sample, 2: datasets.document_sample, 3: datasets.conversation_sample}
     for stage in (1, 2, 3):
-        loaded = datasets.load_dataset(str(out / f"stage{stage}.json"), stage, tok, spec)
+        loaded = datasets.load_dataset(str(out / f"stage{stage}.json"), readers[stage], tok, spec)
         assert len(loaded.samples) == sizes[str(stage)]
 
 
@@ -232,5 +233,5 @@ def test_no_think_build_has_the_same_questions_without_analysis(built, tmp_path)
         paths = [d["path"] for d in json.load(f)["datasets"]]
     assert paths == ["conversations.jsonl", "text_conversations.jsonl"]
     spec = datasets.ImageTokens(image_size=56, tokens_per_tile=16)
-    loaded = datasets.load_dataset(str(tmp_path / "stage3.json"), 3, load_tokenizer(), spec)
+    loaded = datasets.load_dataset(str(tmp_path / "stage3.json"), datasets.conversation_sample, load_tokenizer(), spec)
     assert len(loaded.samples) == len(plain) + len(read_jsonl(tmp_path / "text_conversations.jsonl"))

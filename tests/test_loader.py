@@ -52,7 +52,7 @@ def flat(micro_batches, key):
 
 
 def test_same_global_batch_on_any_world_size_packed(tok, tmp_path):
-    ds = D.load_dataset(stage2_mixture(tmp_path), 2, tok, SPEC)
+    ds = D.load_dataset(stage2_mixture(tmp_path), D.document_sample, tok, SPEC)
     common = dict(seq_len=64, global_batch_size=4, packing=True, seed=3, image_size=28)
     one = DataLoader(ds, micro_batch_size=2, **common)
     ranks = [DataLoader(ds, micro_batch_size=1, rank=r, world_size=2, **common) for r in range(2)]
@@ -66,7 +66,7 @@ def test_same_global_batch_on_any_world_size_packed(tok, tmp_path):
 
 
 def test_same_global_batch_on_any_world_size_padded(tok, tmp_path):
-    ds = D.load_dataset(stage3_file(tmp_path), 3, tok, SPEC)
+    ds = D.load_dataset(stage3_file(tmp_path), D.conversation_sample, tok, SPEC)
     one = DataLoader(ds, seq_len=256, global_batch_size=4, micro_batch_size=4, seed=1, image_size=28)
     ranks = [DataLoader(ds, seq_len=256, global_batch_size=4, micro_batch_size=1, rank=r, world_size=2, seed=1,
                         image_size=28) for r in range(2)]
@@ -87,7 +87,7 @@ def test_two_real_processes(tok, tmp_path):
         "import sys, json; sys.path[:0] = [{root!r}]\n"
         "from data import datasets as D; from data.loader import DataLoader; from data.tokenizer import load_tokenizer\n"
         "rank, world, micro = map(int, sys.argv[1:4])\n"
-        "ds = D.load_dataset({path!r}, 3, load_tokenizer(), D.ImageTokens(image_size=28, tokens_per_tile=4))\n"
+        "ds = D.load_dataset({path!r}, D.conversation_sample, load_tokenizer(), D.ImageTokens(image_size=28, tokens_per_tile=4))\n"
         "dl = DataLoader(ds, seq_len=256, global_batch_size=4, micro_batch_size=micro, rank=rank, world_size=world,"
         " seed=5, image_size=28, num_workers=1)\n"
         "out = [[[int(t) for t in row if t != 199999] for mb in dl.next_batch() for row in mb['input_ids']] for _ in range(5)]\n"
@@ -97,14 +97,14 @@ def test_two_real_processes(tok, tmp_path):
     procs = [run(0, 2, 1), run(1, 2, 1)]
     r0, r1 = [json.loads(p.communicate(timeout=240)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    one = DataLoader(D.load_dataset(path, 3, tok, SPEC), seq_len=256, global_batch_size=4, micro_batch_size=2,
+    one = DataLoader(D.load_dataset(path, D.conversation_sample, tok, SPEC), seq_len=256, global_batch_size=4, micro_batch_size=2,
                      seed=5, image_size=28, load_images=False)
     single = [[unpad(row) for mb in one.next_batch() for row in mb["input_ids"]] for _ in range(5)]
     assert single == [a + b for a, b in zip(r0, r1)]
 
 
 def test_resume_continues_with_the_next_batch(tok, tmp_path):
-    ds = D.load_dataset(stage2_mixture(tmp_path), 2, tok, SPEC)
+    ds = D.load_dataset(stage2_mixture(tmp_path), D.document_sample, tok, SPEC)
     make = lambda: DataLoader(ds, seq_len=48, global_batch_size=2, micro_batch_size=1, packing=True, seed=7, image_size=28)
     first = make()
     batches, states = [], []
@@ -125,7 +125,7 @@ def test_resume_continues_with_the_next_batch(tok, tmp_path):
 
 
 def test_mixture_weights_per_epoch(tok, tmp_path):
-    ds = D.load_dataset(stage2_mixture(tmp_path), 2, tok, SPEC)
+    ds = D.load_dataset(stage2_mixture(tmp_path), D.document_sample, tok, SPEC)
     kept = [True] * len(ds.samples)
     (_, a0, a1, _), (_, b0, b1, _) = ds.parts
     draws = []
@@ -141,7 +141,7 @@ def test_mixture_weights_per_epoch(tok, tmp_path):
 
 def test_pixel_values_in_run_order_with_tiling(tok, tmp_path):
     spec = D.ImageTokens(max_tiles=4, image_size=28, tokens_per_tile=4)
-    ds = D.load_dataset(stage2_mixture(tmp_path), 2, tok, spec)
+    ds = D.load_dataset(stage2_mixture(tmp_path), D.document_sample, tok, spec)
     dl = DataLoader(ds, seq_len=200, global_batch_size=2, micro_batch_size=2, packing=True, max_tiles=4, image_size=28)
     for step in range(3):
         [mb] = dl.get_batch(step)
@@ -155,7 +155,7 @@ def test_pixel_values_in_run_order_with_tiling(tok, tmp_path):
 
 
 def test_thread_process_and_inline_workers_agree(tok, tmp_path):
-    ds = D.load_dataset(stage3_file(tmp_path), 3, tok, SPEC)
+    ds = D.load_dataset(stage3_file(tmp_path), D.conversation_sample, tok, SPEC)
     loaders = [DataLoader(ds, seq_len=256, global_batch_size=4, micro_batch_size=2, image_size=28, **kw)
                for kw in (dict(num_workers=0), dict(workers="thread"), dict(workers="process", num_workers=2))]
     try:
@@ -171,7 +171,7 @@ def test_thread_process_and_inline_workers_agree(tok, tmp_path):
 
 def test_corrupt_pixels_found_at_decode_name_the_record(tok, tmp_path):
     path = stage3_file(tmp_path, n=3)
-    ds = D.load_dataset(path, 3, tok, SPEC)  # headers are fine now
+    ds = D.load_dataset(path, D.conversation_sample, tok, SPEC)  # headers are fine now
     png = tmp_path / "imgs" / "retina.png"
     png.write_bytes(png.read_bytes()[:200])  # then the file is cut short
     dl = DataLoader(ds, seq_len=256, global_batch_size=3, micro_batch_size=3, image_size=28)
@@ -179,11 +179,11 @@ def test_corrupt_pixels_found_at_decode_name_the_record(tok, tmp_path):
         dl.next_batch()
     dl.close()
     with pytest.raises(D.DataError, match=r"conv\.jsonl:1: cannot read image"):  # verify=True finds it at load time
-        D.load_dataset(path, 3, tok, D.ImageTokens(image_size=28, tokens_per_tile=4, verify=True))
+        D.load_dataset(path, D.conversation_sample, tok, D.ImageTokens(image_size=28, tokens_per_tile=4, verify=True))
 
 
 def test_geometry_and_drop_report(tok, tmp_path):
-    ds = D.load_dataset(stage3_file(tmp_path), 3, tok, SPEC)
+    ds = D.load_dataset(stage3_file(tmp_path), D.conversation_sample, tok, SPEC)
     with pytest.raises(ValueError, match="multiple of world_size 2 x micro_batch_size 3"):
         DataLoader(ds, seq_len=256, global_batch_size=4, micro_batch_size=3, world_size=2)
     longest = max(len(s.ids) for s in ds.samples)

@@ -142,11 +142,11 @@ def test_three_stages_chain_and_loss_falls(data_dir, tmp_path):
     """Stage 1 from scratch -> 2 -> 3, each from the previous final/; the loss falls in each; the final model
     is LLaVA format that transformers reads with our logits."""
     out = str(tmp_path)
-    common = ["--log_every=1", "--seq_len_schedule=", "--seq_len=256"]
+    common = ["--log_every=1", "--seq_len=256"]
     run_script("train_stage1.py", f"--data={data_dir}/captions.jsonl", f"--out_dir={out}/s1", "--max_steps=8",
                "--global_batch=4", "--micro_batch=2", "--lr=1e-2", *common)
     run_script("train_stage2.py", f"--data={data_dir}/stage2.json", f"--init_from={out}/s1/final",
-               f"--out_dir={out}/s2", "--max_steps=8", "--global_batch=2", "--lr=3e-3", *common)
+               f"--out_dir={out}/s2", "--max_steps=8", "--global_batch=2", "--lr=3e-3", "--seq_len_schedule=", *common)
     run_script("train_stage3.py", f"--data={data_dir}/conversations.jsonl", f"--init_from={out}/s2/final",
                f"--out_dir={out}/s3", "--max_steps=8", "--global_batch=4", "--micro_batch=2", "--lr=3e-3", *common)
     for stage in ("s1", "s2", "s3"):
@@ -219,7 +219,8 @@ def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(stage2_runs
 
 # ----------------------------------------------------------------------------------------------------------
 # Sharded initialisation: the model on the meta device, each rank reading only its ZeRO-3 shard of the checkpoint
-# (training.build_model), against the whole-model load every rank did before (--sharded_init=false)
+# (train_stage1.build_model, training.start_from_llava), against the whole-model load every rank did before
+# (--sharded_init=false)
 
 INIT_WORKER = os.path.join(ROOT, "tests", "init_worker.py")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -362,35 +363,36 @@ def edited_copy(src, dst, edit):
 
 
 def test_sharded_init_errors_name_the_file_and_tensor(parts, stage1_model, tmp_path):
+    import train_stage1
     import training
-    cfg = training.TrainConfig(init_from="parts", lm_path=str(parts["root"] / "lm_mxfp4"),
-                               clip_path=str(parts["root"] / "clip"))
+    from train_stage1 import Stage1Config
+    cfg = Stage1Config(init_from="parts", lm_path=str(parts["root"] / "lm_mxfp4"), clip_path=str(parts["root"] / "clip"))
     key = "language_model.model.layers.1.self_attn.sinks"
     missing = edited_copy(stage1_model, tmp_path / "missing", lambda t: t.pop(key))
     with pytest.raises(ValueError, match=rf"{missing}: .*missing tensors \['{key}'\]"):
-        training.build_model(training.TrainConfig(init_from=missing), 2)
+        training.start_from_llava(training.TrainConfig(init_from=missing))
     wrong = edited_copy(stage1_model, tmp_path / "wrong", lambda t: t.update({key: torch.zeros(5)}))
     with pytest.raises(ValueError, match=rf"{wrong}/model.safetensors: tensor {key} is F32 \(5,\), expected "
                                          rf"F32/BF16/F16/F64 \(4,\)"):
-        training.build_model(training.TrainConfig(init_from=wrong), 2)
+        training.start_from_llava(training.TrainConfig(init_from=wrong))
     extra = edited_copy(stage1_model, tmp_path / "extra",
                         lambda t: t.update({"language_model.model.layers.7.x": torch.zeros(4)}))
     with pytest.raises(ValueError, match=r"unexpected tensors \['language_model.model.layers.7.x'\]"):
-        training.build_model(training.TrainConfig(init_from=extra), 2)
+        training.start_from_llava(training.TrainConfig(init_from=extra))
     # MXFP4: scales of the wrong shape; CLIP: a vision tensor missing
     scales = "model.layers.0.mlp.experts.down_proj_scales"
     bad_lm = edited_copy(cfg.lm_path, tmp_path / "bad_lm", lambda t: t.update({scales: t[scales][:-1].clone()}))
     with pytest.raises(ValueError, match=rf"{bad_lm}/model.safetensors: tensor {scales} is U8 \(3, 64, 1\), "
                                          rf"expected U8 \(4, 64, 1\)"):
-        training.build_model(training.TrainConfig(init_from="parts", lm_path=bad_lm, clip_path=cfg.clip_path), 1)
+        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=bad_lm, clip_path=cfg.clip_path))
     fc = "vision_model.encoder.layers.0.mlp.fc2.bias"
     bad_clip = edited_copy(cfg.clip_path, tmp_path / "bad_clip", lambda t: t.pop(fc))
     with pytest.raises(ValueError, match=rf"{bad_clip}: .*missing tensors \['{fc}'\]"):
-        training.build_model(training.TrainConfig(init_from="parts", lm_path=cfg.lm_path, clip_path=bad_clip), 1)
+        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=cfg.lm_path, clip_path=bad_clip))
     # fsdp2 is a reference path: the whole model, and no meta-device start
-    model, load = training.build_model(training.TrainConfig(init_from=stage1_model, sharding="fsdp2"), 2)
+    model, load = training.start_from_llava(training.TrainConfig(init_from=stage1_model, sharding="fsdp2"))
     assert load is None and not any(p.is_meta for p in model.parameters())
-    meta, load = training.build_model(training.TrainConfig(init_from=stage1_model), 2)
+    meta, load = training.start_from_llava(training.TrainConfig(init_from=stage1_model))
     with pytest.raises(ValueError, match="sharded meta-device start is ZeRO3's"):
         training.build_engine(training.TrainConfig(sharding="fsdp2"), meta, training_run(), load)
 
@@ -410,7 +412,7 @@ def test_meta_model_materialises_what_init_computes(monkeypatch):
         def __init__(self, config):
             super().__init__(config)
             self.multi_modal_projector.register_buffer("scale", torch.ones(3))
-    monkeypatch.setattr(M, "MedGPT", WithBuffer)
+    monkeypatch.setattr(training, "MedGPT", WithBuffer)  # what meta_model builds
     with pytest.raises(ValueError, match="multi_modal_projector.scale is on the meta device"):
         training.meta_model(config)
 
@@ -468,7 +470,7 @@ def test_stage1_script_starts_sharded_from_mxfp4_parts(parts, data_dir, tmp_path
     wait_all(launch_ranks("train_stage1.py", [f"--data={data_dir}/captions.jsonl", "--init_from=parts",
                                               f"--lm_path={lm_path}", f"--clip_path={clip_path}", "--seed=5",
                                               "--max_steps=0", "--global_batch=4", "--micro_batch=2", "--seq_len=64",
-                                              "--seq_len_schedule=", "--dtype=float32", f"--out_dir={tmp_path}"]))
+                                              "--dtype=float32", f"--out_dir={tmp_path}"]))
     saved = final_weights(str(tmp_path))
     whole = MedGPT.from_parts(lm_path, clip_path, dtype=torch.float32, seed=5)
     whole.save_pretrained(str(tmp_path / "whole" / "final"))

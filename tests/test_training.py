@@ -1,5 +1,6 @@
-"""training.py's shared machinery, in one process: CLI, schedule, guard, logs, and the step loop against a plain
-PyTorch training loop (torch.optim.AdamW, clip_grad_norm_, LambdaLR) on the same model and batches."""
+"""training.py's shared machinery and the stage scripts' own step loops, in one process: CLI, schedule, guard,
+logs, and each script's `train` against a plain PyTorch training loop (torch.optim.AdamW, clip_grad_norm_, LambdaLR)
+on the same model and batches."""
 import dataclasses
 import json
 import math
@@ -7,36 +8,62 @@ import math
 import pytest
 import torch
 
+import train_stage1
+import train_stage2
+import train_stage3
 import training
 import vision
+import zero
 from model import GPTConfig, MedGPT, MedGPTConfig
+
+STAGES = {1: (train_stage1, train_stage1.Stage1Config), 2: (train_stage2, train_stage2.Stage2Config),
+          3: (train_stage3, train_stage3.Stage3Config)}
 
 # ----------------------------------------------------------------------------------------------------------
 # configuration
 
 
 def test_overrides_convert_types_and_flags():
-    cfg = training.apply_overrides(training.TrainConfig(), ["--lr=3e-4", "--max_steps=7", "--resume", "--dtype=float32",
-                                                            "--activation-checkpointing=false", "--out_dir=x/y"])
-    assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.dtype, cfg.activation_checkpointing, cfg.out_dir) == \
-        (3e-4, 7, True, "float32", False, "x/y")
+    cfg = training.parse_config(train_stage2.Stage2Config, train_stage2.PRESETS,
+                                ["--lr=3e-4", "--max_steps", "7", "--resume", "--dtype=float32",
+                                 "--activation-checkpointing=false", "--out_dir=x/y", "--seq_len_schedule="])
+    assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.dtype, cfg.activation_checkpointing, cfg.out_dir,
+            cfg.seq_len_schedule) == (3e-4, 7, True, "float32", False, "x/y", "")
 
 
 @pytest.mark.parametrize("arg, message", [("--max_step=3", "did you mean --max_steps"),
-                                          ("--max_steps=three", "expected a value of type int"),
+                                          ("--max_steps=three", "invalid int value"),
                                           ("--resume=maybe", "expected true or false"),
-                                          ("--lr", "needs a value"), ("lr=3", "expected --key=value")])
+                                          ("--lr", "expected one argument"), ("lr=3", "expected --key=value"),
+                                          ("--preset=b", "invalid choice")])
 def test_bad_overrides_say_what_is_wrong(arg, message):
     with pytest.raises(SystemExit, match=message):
-        training.apply_overrides(training.TrainConfig(), [arg])
+        training.parse_config(train_stage1.Stage1Config, train_stage1.PRESETS, [arg])
 
 
-def test_preset_then_overrides():
-    presets = {"a": dict(lr=1.0, max_steps=5), "medgpt-20b": dict(lr=2.0)}
-    assert training.stage_config(presets, ["--preset=a", "--max_steps=9"]).max_steps == 9
-    assert training.stage_config(presets, []).lr == 2.0  # the 8 x B200 recipe is the default
-    with pytest.raises(SystemExit, match="unknown preset"):
-        training.stage_config(presets, ["--preset=b"])
+@pytest.mark.parametrize("stage, key", [(1, "--system_prompt=hi"), (1, "--seq_len_schedule=0:8"),
+                                        (1, "--train_vision=true"), (2, "--clip_path=x"), (2, "--system_prompt=hi"),
+                                        (3, "--lm_path=x"), (3, "--seq_len_schedule=0:8")])
+def test_a_key_of_another_stage_is_an_error(stage, key):
+    """A stage-specific option that this stage does not use stops the run (it would be silently ignored)."""
+    script, config_class = STAGES[stage]
+    with pytest.raises(SystemExit, match=f"train_stage{stage}.py has no key"):
+        training.parse_config(config_class, script.PRESETS, [key], prog=f"train_stage{stage}.py")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_presets_name_only_what_differs(stage):
+    """The recipe is the config class's defaults (preset medgpt-20b, the default); a preset sets only keys whose
+    value differs from them, and every preset builds a valid config."""
+    script, config_class = STAGES[stage]
+    defaults = config_class()
+    assert script.PRESETS["medgpt-20b"] == {}
+    assert training.parse_config(config_class, script.PRESETS, []) == defaults
+    for name, preset in script.PRESETS.items():
+        same = [k for k, v in preset.items() if getattr(defaults, k) == v]
+        assert not same, f"preset {name} repeats defaults: {same}"
+    tiny = training.parse_config(config_class, script.PRESETS, ["--preset=tiny", "--max_steps=9"])
+    assert tiny.max_steps == 9 and tiny.arch == "tiny" and tiny.dtype == "float32"
 
 
 def test_lr_schedule_matches_torch_schedulers():
@@ -55,17 +82,17 @@ def test_lr_schedule_matches_torch_schedulers():
 
 
 def test_phases_keep_tokens_per_step():
-    cfg = training.TrainConfig(global_batch=32, micro_batch=1, seq_len=131072, max_steps=1000,
-                               seq_len_schedule="0:8192,0.5:32768,0.8:131072")
-    plan = training.phases(cfg, world_size=8)
+    cfg = train_stage2.Stage2Config(global_batch=32, micro_batch=1, seq_len=131072, max_steps=1000,
+                                    seq_len_schedule="0:8192,0.5:32768,0.8:131072")
+    plan = train_stage2.phases(cfg, world_size=8)
     assert plan == [(0, 8192, 512), (500, 32768, 128), (800, 131072, 32)]
     assert {length * rows for _, length, rows in plan} == {32 * 131072}
-    assert [training.seq_len_at(s, cfg) for s in (0, 499, 500, 799, 800, 999)] == [8192, 8192, 32768, 32768,
+    assert [train_stage2.seq_len_at(s, cfg) for s in (0, 499, 500, 799, 800, 999)] == [8192, 8192, 32768, 32768,
                                                                                    131072, 131072]
     with pytest.raises(SystemExit, match="not a multiple"):
-        training.phases(dataclasses.replace(cfg, global_batch=4), world_size=8)
+        train_stage2.phases(dataclasses.replace(cfg, global_batch=4), world_size=8)
     with pytest.raises(SystemExit, match="must start at 0"):
-        training.parse_seq_len_schedule("0.5:8,0:16", 16)
+        train_stage2.parse_seq_len_schedule("0.5:8,0:16", 16)
 
 
 def test_guard_skips_then_stops():
@@ -145,28 +172,37 @@ class ListLoader:
         pass
 
 
-def run_ours(cfg, make, n_micro):
+def trainability(stage):
+    """What each stage script's main() sets: the projector alone in stage 1, everything in stages 2 and 3."""
+    return dict(vision=False, projector=True, lm=False) if stage == 1 else dict(vision=True, projector=True, lm=True)
+
+
+def run_ours(cfg, make, n_micro, stage=2):
+    """The stage script's own step loop (`train`) over ZeRO3, fed by a ListLoader."""
     torch.manual_seed(0)
     model = MedGPT(micro_config())
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
+    model.set_trainable(**trainability(stage))
     training.freeze_unused(model)
     run = training.Run(0, 1, torch.device("cpu"), torch.float32)
-    fm = training.flops_model(model, cfg)
+    fm = training.flops_model(model)
     engine = training.build_engine(cfg, model, run)
-    training.train(cfg, "test", model, engine, lambda seq_len, rows, phase: ListLoader(make, n_micro), run, fm)
+    script = STAGES[stage][0]
+    if stage == 2:
+        script.train(cfg, model, engine, lambda seq_len, rows, phase: ListLoader(make, n_micro), run, fm)
+    else:
+        script.train(cfg, model, engine, ListLoader(make, n_micro), run, fm)
     with engine.gathered():
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_plain_torch(cfg, make, n_micro):
+def run_plain_torch(cfg, make, n_micro, stage=2):
     """The reference: no sharding, torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, LambdaLR."""
     torch.manual_seed(0)
     model = MedGPT(micro_config())
-    model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, lm=cfg.train_lm)
+    model.set_trainable(**trainability(stage))
     training.freeze_unused(model)
     if cfg.router_aux_loss_coef >= 0:
         model.language_model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
-    import zero
     opt = torch.optim.AdamW(zero.adamw_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: training.lr_at(step, cfg) / cfg.lr)
@@ -184,16 +220,19 @@ def run_plain_torch(cfg, make, n_micro):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_step_loop_equals_plain_torch_training(tmp_path, stage):
-    """Same weights after 4 steps of accumulation, clipping, warm-up + cosine, weight decay: ZeRO3 + training.train
-    against torch.optim.AdamW on the unsharded model. Stage 1 trains only the projector, stage 2 everything."""
-    trains = dict(train_vision=False, train_projector=True, train_lm=False) if stage == 1 else {}
-    cfg = training.TrainConfig(out_dir=str(tmp_path), max_steps=4, global_batch=6, micro_batch=2, seq_len=12,
-                               lr=3e-3, min_lr=3e-4, warmup_frac=0.3, weight_decay=0.1, grad_clip=0.5,
-                               router_aux_loss_coef=0.01, dtype="float32", adam_eps=EPS, log_every=1, **trains)
+    """Same weights after 4 steps of accumulation, clipping, warm-up + cosine, weight decay: ZeRO3 + each stage
+    script's own loop against torch.optim.AdamW on the unsharded model. Stage 1 trains only the projector, stages 2
+    and 3 everything."""
+    config_class = STAGES[stage][1]
+    extra = dict(seq_len_schedule="") if stage == 2 else {}
+    cfg = config_class(out_dir=str(tmp_path), max_steps=4, global_batch=6, micro_batch=2, seq_len=12,
+                       lr=3e-3, min_lr=3e-4, warmup_frac=0.3, weight_decay=0.1, grad_clip=0.5, ckpt_every=0,
+                       activation_checkpointing=False,
+                       router_aux_loss_coef=0.01, dtype="float32", adam_eps=EPS, log_every=1, **extra)
     make = lambda step, n: micro_batches(step, n, micro_config())  # noqa: E731
-    ours, reference = run_ours(cfg, make, 3), run_plain_torch(cfg, make, 3)
+    ours, reference = run_ours(cfg, make, 3, stage), run_plain_torch(cfg, make, 3, stage)
     for name, ref in reference.items():
         torch.testing.assert_close(ours[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     torch.manual_seed(0)
@@ -210,8 +249,9 @@ def test_step_loop_equals_plain_torch_training(tmp_path, stage):
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
     """NaN pixels make the loss NaN: those steps change nothing; max_nonfinite in a row save a checkpoint and stop."""
-    cfg = training.TrainConfig(out_dir=str(tmp_path), max_steps=6, global_batch=2, micro_batch=2, seq_len=12,
-                               lr=1e-3, dtype="float32", adam_eps=EPS, max_nonfinite=3, log_every=1)
+    cfg = train_stage2.Stage2Config(out_dir=str(tmp_path), max_steps=6, global_batch=2, micro_batch=2, seq_len=12,
+                                    seq_len_schedule="", lr=1e-3, dtype="float32", adam_eps=EPS, max_nonfinite=3,
+                                    log_every=1, ckpt_every=0, weight_decay=0.0, activation_checkpointing=False)
     bad_from = 1
 
     def make(step, n):
@@ -219,7 +259,6 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="3 steps in a row had a non-finite loss"):
         run_ours(cfg, make, 1)
-    import zero
     path = zero.latest_checkpoint(str(tmp_path / "ckpt"))
     assert path is not None and path.endswith("step_00000003")  # steps 1..3 were all skipped
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -233,8 +272,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
 
 def test_empty_micro_batch_contributes_nothing(tmp_path):
     """A micro-batch without targets (all -100) adds no gradient: same weights as leaving it out."""
-    cfg = training.TrainConfig(out_dir=str(tmp_path), max_steps=2, global_batch=4, micro_batch=2, seq_len=12,
-                               lr=1e-3, dtype="float32", adam_eps=EPS, router_aux_loss_coef=0.0)
+    cfg = train_stage2.Stage2Config(out_dir=str(tmp_path), max_steps=2, global_batch=4, micro_batch=2, seq_len=12,
+                                    seq_len_schedule="", lr=1e-3, dtype="float32", adam_eps=EPS,
+                                    router_aux_loss_coef=0.0, ckpt_every=0, weight_decay=0.0,
+                                    activation_checkpointing=False)
 
     def with_empty(step, n):
         batches = micro_batches(step, 1, micro_config())
