@@ -207,8 +207,8 @@ def _copy_mxfp4(param, blocks_file, scales_file, name):
         for what, src, want, file in (("blocks", blocks, want_blocks, blocks_file),
                                       ("scales", scales, want_scales, scales_file)):
             if tuple(src.get_shape()) != want or src.get_dtype() not in ("U8", "u8", "uint8"):
-                raise ValueError(f"{file}: tensor {name}_{what} is {src.get_dtype()} {tuple(src.get_shape())}, expected "
-                                 f"uint8 {want} for a parameter of shape {tuple(param.shape)} (MXFP4 layout)")
+                raise ValueError(f"{file}: tensor {name}_{what} is {src.get_dtype()} {tuple(src.get_shape())}, "
+                                 f"expected uint8 {want} for a parameter of shape {tuple(param.shape)} (MXFP4 layout)")
         for e in range(param.shape[0]):
             w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0], param.dtype)  # (out, in)
             param[e].copy_(w.t())  # (out, in) -> (in, out)
@@ -298,13 +298,15 @@ def load_exact(module, state, where, dtype, device):
 # (our prefix, checkpoint prefix) pairs; the first layout whose vision probe exists is used for every tensor.
 LLAVA_LAYOUTS = {
     "llava-hf": [("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector."),
-                 ("language_model.lm_head.", "language_model.lm_head."), ("language_model.model.", "language_model.model.")],
+                 ("language_model.lm_head.", "language_model.lm_head."),
+                 ("language_model.model.", "language_model.model.")],
     "transformers-5-save": [("vision_tower.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector."),
                             ("language_model.lm_head.", "language_model.lm_head."),
                             ("language_model.model.", "language_model.model.")],
     "transformers-5-module": [("vision_tower.", "model.vision_tower."),
                               ("multi_modal_projector.", "model.multi_modal_projector."),
-                              ("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model.")],
+                              ("language_model.lm_head.", "lm_head."),
+                              ("language_model.model.", "model.language_model.")],
 }
 IGNORED_CHECKPOINT_KEYS = ("embeddings.position_ids",)  # a buffer older CLIP checkpoints saved
 
@@ -404,7 +406,8 @@ class SafetensorsReader:
                 return rows[start - r0 * row:end - r0 * row]
         if key + "_blocks" in self.files and key + "_scales" in self.files:
             return self._read_mxfp4(key, start, end)
-        raise KeyError(f"{self.path}: no tensor {key!r} (for parameter {name!r}) and no MXFP4 pair {key}_blocks/_scales")
+        raise KeyError(f"{self.path}: no tensor {key!r} (for parameter {name!r}) and no MXFP4 pair "
+                       f"{key}_blocks/_scales")
 
     def check(self, shapes, extra_ok=None):
         """Fail before reading anything: each parameter of `shapes` ({model name: shape}) must have a tensor of that

@@ -22,6 +22,8 @@ Design choices
   thumbnail (the whole image squeezed to size x size) comes first. max_tiles=1 is exactly preprocess().
 - Config: a dataclass whose defaults are ViT-L/14-336; `CLIPVisionConfig.from_hf` reads a config.json's
   vision section with *transformers'* defaults for missing keys (ViT-B/32-224), as transformers would.
+- Checkpoint files (CLIPModel, CLIPVisionModel or LLaVA prefixes; safetensors or pytorch_model.bin) are read by
+  checkpoint.py; CLIPVision.from_pretrained only reads the config and builds the module it fills.
 """
 import math
 import os
