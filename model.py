@@ -11,9 +11,9 @@ Design choices
   format (rope_scaling + rope_theta) and transformers' newer one (rope_parameters), and write the newer one.
 - One dtype for all parameters (no fp32 islands), so zero.py can flatten a block into one buffer.
   RoPE frequencies are not a buffer (so `.to(bfloat16)` cannot round them); cos/sin are computed in fp32 per forward.
-- Loading streams tensor by tensor: each safetensors file is opened per tensor (so its memory map never holds more
-  than one tensor), MXFP4 experts are dequantised one expert at a time straight into the parameter. Peak memory is
-  the model plus about one tensor.
+- The released formats in and out (safetensors discovery, MXFP4, LLaVA name layouts, shard writing) are
+  checkpoint.py's: from_pretrained reads config.json, builds the model on the meta device, allocates it and lets
+  checkpoint.py stream the tensors in (peak memory: the model plus about one tensor).
 - Generation: KV caches allocated once and written in place: every position for full-attention layers, a ring of
   `window` slots for sliding ones (memory bounded by the window). After the prompt, each new token goes through
   GPT.decode_step: the blocks' math for one position in as few ops as possible, with q/k/v fused and the weights it
@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import kernels
+import vision as vision_lib
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -507,7 +509,7 @@ class GPT(nn.Module):
         with torch.device("meta"):
             model = cls(config).to(dtype)
         model.to_empty(device=device)  # uninitialised storage, every tensor is then filled from the checkpoint
-        load_checkpoint(model, path)
+        checkpoint.load_gpt_oss(model, path)
         return model.eval()
 
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
@@ -515,7 +517,7 @@ class GPT(nn.Module):
         GptOssForCausalLM.from_pretrained loads. dtype: None keeps the parameters' dtype."""
         os.makedirs(path, exist_ok=True)
         self.config.to_json(os.path.join(path, "config.json"))
-        write_safetensors(self.state_dict().items(), path, max_shard_bytes, dtype)
+        checkpoint.write_safetensors(self.state_dict().items(), path, max_shard_bytes, dtype)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -644,164 +646,22 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint reading: safetensors files, MXFP4 experts
-
-FP4_VALUES = (+0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-COPY_CHUNK_BYTES = 256 * 2**20  # rows copied at a time from a file into a parameter
-
-
-def mxfp4_dequantize(blocks, scales, dtype=torch.float32):
-    """blocks (..., G, 16) uint8, two 4-bit codes per byte (low nibble first); scales (..., G) uint8, each group of
-    32 values scaled by 2^(scale - 127). Returns (..., G * 32) in dtype (exact: FP4 times a power of two fits bf16)."""
-    codes = torch.arange(256, device=blocks.device)
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    byte_to_pair = torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=-1)  # (256, 2): a byte's two values
-    scale_of = torch.ldexp(torch.ones(256, device=blocks.device), codes.to(torch.int32) - 127)  # (256,) 2^(s-127)
-    # F.embedding is a fast row gather (about 2x advanced indexing on CPU): one lookup decodes both nibbles
-    values = F.embedding(blocks.long(), byte_to_pair).flatten(-2)  # (..., G, 16, 2) -> (..., G, 32)
-    values = values * F.embedding(scales.long(), scale_of[:, None])  # (..., G, 32) * (..., G, 1)
-    return values.flatten(-2).to(dtype)  # (..., G * 32)
-
-
-def write_safetensors(named_tensors, path, max_shard_bytes=5 * 2**30, dtype=None):
-    """Write (name, tensor) pairs in the Hugging Face layout: one `model.safetensors`, or shards
-    `model-0000i-of-0000n.safetensors` of at most max_shard_bytes plus `model.safetensors.index.json`.
-    Streams: holds one shard's tensors at a time (shards get temporary names until their count is known), so
-    zero.py can feed it one gathered parameter at a time. dtype: None keeps each tensor's dtype."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    parts, shard, shard_bytes, total = [], {}, 0, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        tmp_name = f"part-{len(parts):05d}.safetensors.tmp"
-        save_file(shard, os.path.join(path, tmp_name), metadata={"format": "pt"})
-        parts.append((tmp_name, list(shard)))
-        shard, shard_bytes = {}, 0
-
-    for name, tensor in named_tensors:
-        tensor = tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
-        nbytes = tensor.numel() * tensor.itemsize
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = tensor
-        shard_bytes, total = shard_bytes + nbytes, total + nbytes
-    if shard or not parts:
-        flush()
-    weight_map = {}
-    for i, (tmp_name, names) in enumerate(parts):
-        final = "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        os.replace(os.path.join(path, tmp_name), os.path.join(path, final))
-        weight_map.update({n: final for n in names})
-    if len(parts) > 1:
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return weight_map
-
-
-def checkpoint_files(path):
-    """{tensor name: safetensors file} for a directory (index json, or every *.safetensors) or a single file."""
-    from safetensors import safe_open
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no *.safetensors files")
-    name_to_file = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            name_to_file.update({name: file for name in f.keys()})
-    return name_to_file
-
-
-def _copy_rows(param, file, name):
-    """Copy tensor `name` of `file` into param in row chunks (bounded memory); the file is mapped only meanwhile."""
-    from safetensors import safe_open
-    with safe_open(file, framework="pt") as f:
-        src = f.get_slice(name)
-        shape = tuple(src.get_shape())
-        if shape != tuple(param.shape):
-            raise ValueError(f"{file}: tensor {name} has shape {shape}, expected {tuple(param.shape)} from config.json")
-        if param.dim() == 0:
-            param.copy_(f.get_tensor(name))
-            return
-        row_bytes = max(1, param[0].numel() * 4)
-        step = max(1, COPY_CHUNK_BYTES // row_bytes)
-        for r in range(0, shape[0], step):
-            param[r:r + step].copy_(src[r:r + step])
-
-
-def _copy_mxfp4(param, blocks_file, scales_file, name):
-    """Dequantise `name`_blocks / `name`_scales ((E, out, in/32, 16) / (E, out, in/32)) one expert at a time into
-    param (E, in, out), transformers' x @ W layout."""
-    from safetensors import safe_open
-    E, n_in, n_out = param.shape
-    want_blocks, want_scales = (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
-    with safe_open(blocks_file, framework="pt") as fb, safe_open(scales_file, framework="pt") as fs:
-        blocks, scales = fb.get_slice(name + "_blocks"), fs.get_slice(name + "_scales")
-        for what, src, want, file in (("blocks", blocks, want_blocks, blocks_file),
-                                      ("scales", scales, want_scales, scales_file)):
-            if tuple(src.get_shape()) != want or src.get_dtype() not in ("U8", "u8", "uint8"):
-                raise ValueError(f"{file}: tensor {name}_{what} is {src.get_dtype()} {tuple(src.get_shape())}, expected "
-                                 f"uint8 {want} for a parameter of shape {tuple(param.shape)} (MXFP4 layout)")
-        for e in range(E):
-            w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0], param.dtype)  # (out, in)
-            param[e].copy_(w.t())  # (out, in) -> (in, out)
-
-
-@torch.no_grad()
-def load_checkpoint(model, path):
-    """Fill every parameter of `model` from the safetensors checkpoint at `path`; clear errors for missing,
-    unexpected or misshapen tensors."""
-    _fill_params(dict(model.named_parameters()), checkpoint_files(path), path,
-                 "Check num_hidden_layers, num_local_experts and the file list of the index.")
-
-
-def _fill_params(params, name_to_file, path, hint, ignored=()):
-    """params: checkpoint tensor name -> parameter. Checks every name first (fail before reading gigabytes: a
-    missing or unexpected tensor, `ignored` suffixes aside), then streams each tensor in, dense or MXFP4."""
-    is_mxfp4 = {n: n not in name_to_file and n + "_blocks" in name_to_file and n + "_scales" in name_to_file
-                for n in params}
-    missing = [n for n in params if n not in name_to_file and not is_mxfp4[n]]
-    expected = set(params) | {n + s for n in params if is_mxfp4[n] for s in ("_blocks", "_scales")}
-    unexpected = sorted(n for n in set(name_to_file) - expected if not n.endswith(tuple(ignored)))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}). {hint}")
-    for name, param in params.items():
-        if is_mxfp4[name]:
-            _copy_mxfp4(param, name_to_file[name + "_blocks"], name_to_file[name + "_scales"], name)
-        else:
-            _copy_rows(param, name_to_file[name], name)
-
-
 # ---------------- MedGPT: CLIP vision tower + projector + GPT-oss ----------------
 #
 # Design choices
 # - MedGPT holds .vision_tower (vision.CLIPVision), .multi_modal_projector (vision.Projector) and
 #   .language_model (GPT); with the GPT's own "model." / "lm_head." names its state dict is transformers 5's
-#   LLaVA save layout, so the checkpoint mapping is a prefix table (LLAVA_LAYOUTS), not a per-tensor renaming.
+#   LLaVA save layout, so the checkpoint mapping is a prefix table (checkpoint.LLAVA_LAYOUTS).
 # - The image features of every tile are scattered into the token embeddings at the image-token positions, in
 #   order (row-major over the batch), as transformers' LlavaModel does with masked_scatter. A sample may hold
 #   any number of images, zero included; each must bring a whole number of tiles' worth of image tokens.
 # - save_pretrained writes llava-hf's released layout (vision_tower.vision_model.*, language_model.model.*,
-#   language_model.lm_head.*, multi_modal_projector.*): every transformers version and the serving engines
-#   that read LLaVA checkpoints load it. from_pretrained also reads transformers 5's own layouts.
-# - Loading streams tensor by tensor into meta-allocated parameters (GPT's _copy_rows / _copy_mxfp4), so a
+#   language_model.lm_head.*, multi_modal_projector.*), from_pretrained reads it and transformers 5's own
+#   layouts; both through checkpoint.py, which streams tensor by tensor into the allocated parameters, so a
 #   LLaVA directory with MXFP4 experts loads without ever holding two copies of the model.
-# - The stages' sharded start (training.build_model: meta device + zero.SafetensorsReader) needs configs and names
-#   without weights: MedGPTConfig.from_parts, vision.read_vision_config, llava_layout, new_projector (from_parts' own
-#   seeded projector init, so both starts give the same values).
-
-import vision as vision_lib  # noqa: E402  (the composite's section of this file starts here)
+# - The stages' sharded start (training.build_model: meta device + checkpoint.llava_reader / parts_reader)
+#   needs configs without weights: MedGPTConfig.from_json, MedGPTConfig.from_parts, and new_projector
+#   (from_parts' own seeded projector init, so both starts give the same values).
 
 IMAGE_TOKEN_ID = 200017  # <|reserved_200017|> of o200k_harmony; equals data.tokenizer.IMAGE_TOKEN_ID
 
@@ -842,6 +702,16 @@ class MedGPTConfig:
                      multimodal_projector_bias=d.get("multimodal_projector_bias", True))
         config.validate(where)
         return config
+
+    @classmethod
+    def from_json(cls, path):
+        """A LLaVA directory's config.json (or the file itself)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: expected a LLaVA-format checkpoint directory")
+        with open(path) as f:
+            return cls.from_dict(json.load(f), where=path)
 
     def validate(self, where="MedGPTConfig"):
         if not 0 <= self.image_token_index < self.text.vocab_size:
@@ -893,37 +763,6 @@ def new_projector(config, seed, dtype=torch.float32, device="cpu"):
         projector = vision_lib.Projector(config.vision.hidden_size * config.n_feature_layers, config.text.hidden_size,
                                          act=config.projector_hidden_act, bias=config.multimodal_projector_bias)
     return projector.to(device=device, dtype=dtype)
-
-
-# (our prefix, checkpoint prefix) pairs; the first layout whose vision probe exists is used for every tensor.
-LLAVA_LAYOUTS = {
-    "llava-hf": [("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector."),
-                 ("language_model.lm_head.", "language_model.lm_head."), ("language_model.model.", "language_model.model.")],
-    "transformers-5-save": [("vision_tower.", "vision_tower."), ("multi_modal_projector.", "multi_modal_projector."),
-                            ("language_model.lm_head.", "language_model.lm_head."),
-                            ("language_model.model.", "language_model.model.")],
-    "transformers-5-module": [("vision_tower.", "model.vision_tower."),
-                              ("multi_modal_projector.", "model.multi_modal_projector."),
-                              ("language_model.lm_head.", "lm_head."), ("language_model.model.", "model.language_model.")],
-}
-IGNORED_CHECKPOINT_KEYS = ("embeddings.position_ids",)  # a buffer older CLIP checkpoints saved
-
-
-def to_checkpoint_name(name, layout):
-    for ours, theirs in LLAVA_LAYOUTS[layout]:
-        if name.startswith(ours):
-            return theirs + name[len(ours):]
-    raise KeyError(f"parameter {name} has no place in the LLaVA layout {layout}")
-
-
-def llava_layout(checkpoint_names, path):
-    """The LLAVA_LAYOUTS entry whose vision probe is among a checkpoint's tensor names."""
-    probe = "vision_tower.embeddings.patch_embedding.weight"
-    layout = next((name for name in LLAVA_LAYOUTS if to_checkpoint_name(probe, name) in checkpoint_names), None)
-    if layout is None:
-        raise ValueError(f"{path}: no vision tower found: expected vision_tower.vision_model.*, vision_tower.* or "
-                         f"model.vision_tower.* tensors (is this a LLaVA checkpoint?)")
-    return layout
 
 
 class MedGPT(nn.Module):
@@ -1036,33 +875,18 @@ class MedGPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
         """A transformers LLaVA directory (gpt_oss text_config, clip_vision_model vision_config), any of the
-        LLAVA_LAYOUTS, experts dense or MXFP4, one or many safetensors files."""
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: expected a LLaVA-format checkpoint directory")
-        with open(config_path) as f:
-            config = MedGPTConfig.from_dict(json.load(f), where=config_path)
+        checkpoint.LLAVA_LAYOUTS, experts dense or MXFP4, one or many safetensors files."""
+        config = MedGPTConfig.from_json(path)
         with torch.device("meta"):
             model = cls(config).to(dtype)
-        model.to_empty(device=device)
-        load_llava_checkpoint(model, path)
+        model.to_empty(device=device)  # uninitialised storage, every tensor is then filled from the checkpoint
+        checkpoint.load_llava(model, path)
         return model.eval()
 
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
         """config.json + safetensors in llava-hf's layout, split into shards of at most max_shard_bytes (with a
         model.safetensors.index.json when there are several). dtype: None keeps the parameters' dtype."""
         state = self.state_dict()
-        write_safetensors(((to_checkpoint_name(name, "llava-hf"), t) for name, t in state.items()), path,
-                          max_shard_bytes, dtype)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(dtype or next(iter(state.values())).dtype), f, indent=2)
+        config = self.config.to_dict(dtype or next(iter(state.values())).dtype)
+        checkpoint.write_llava(state.items(), config, path, max_shard_bytes, dtype)
 
-
-@torch.no_grad()
-def load_llava_checkpoint(model, path):
-    """Fill every parameter of a MedGPT from a LLaVA directory, in whichever LLAVA_LAYOUTS it is written."""
-    name_to_file = checkpoint_files(path)
-    layout = llava_layout(name_to_file, path)
-    params = {to_checkpoint_name(name, layout): p for name, p in model.named_parameters()}
-    _fill_params(params, name_to_file, path, f"(The directory is in the {layout} LLaVA layout.)",
-                 ignored=IGNORED_CHECKPOINT_KEYS)

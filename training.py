@@ -15,7 +15,7 @@ Design choices
   of the global batch however the batch is cut into micro-batches and ranks (`forward_backward`).
 - The optimizer, gradient clipping, sharding and sharded checkpoints are zero.py's; this file only drives them.
 - A stage's starting model is built on the meta device and each rank reads only its ZeRO-3 shard of the
-  checkpoint (`llava_on_meta`, `parts_on_meta` -> zero.ZeRO3(load=...)): loading the whole 20B model first would
+  checkpoint (`llava_on_meta`, `parts_on_meta`: checkpoint.py's readers -> zero.ZeRO3(load=...)): loading the whole 20B model first would
   cost ~84 GB of host memory per rank. fsdp2 (a reference path) and --sharded_init=false keep the whole load.
 - LR: linear warm-up over `warmup_frac` of the steps, then cosine decay to `min_lr` (paper: AdamW, cosine).
 - Non-finite guard: a step whose loss or gradient norm is not finite is skipped (grads dropped, counted); after
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import vision
 import zero
 from data.datasets import ImageTokens
 from data.tokenizer import load_tokenizer
-from model import GPTConfig, MedGPT, MedGPTConfig, checkpoint_files, new_projector, param_counts, rope_inv_freq
-from model import IGNORED_CHECKPOINT_KEYS, llava_layout, to_checkpoint_name, write_safetensors
+from model import GPTConfig, MedGPT, MedGPTConfig, new_projector, param_counts, rope_inv_freq
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -466,16 +466,9 @@ def start_from_llava(cfg) -> tuple:
 
 
 def llava_on_meta(path: str) -> tuple:
-    """(MedGPT on the meta device, reader) for a LLaVA directory in any of model.LLAVA_LAYOUTS."""
-    config_path = os.path.join(path, "config.json")
-    with open(config_path) as f:
-        config = MedGPTConfig.from_dict(json.load(f), where=config_path)
-    model = meta_model(config)
-    layout = llava_layout(checkpoint_files(path), path)
-    reader = zero.SafetensorsReader(path, rename=lambda name: to_checkpoint_name(name, layout))
-    reader.check({n: p.shape for n, p in model.named_parameters()},
-                 extra_ok=lambda key: key.endswith(IGNORED_CHECKPOINT_KEYS))
-    return model, reader
+    """(MedGPT on the meta device, reader) for a LLaVA directory in any of checkpoint.LLAVA_LAYOUTS."""
+    model = meta_model(MedGPTConfig.from_json(path))
+    return model, checkpoint.llava_reader(model, path)
 
 
 def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
@@ -485,36 +478,8 @@ def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
     same values on every rank and as from_parts)."""
     config = MedGPTConfig.from_parts(lm_path, clip_path)
     model = meta_model(config)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    lm_names = {n: s for n, s in shapes.items() if n.startswith("language_model.")}
-    lm_reader = zero.SafetensorsReader(lm_path, rename=lambda name: name.removeprefix("language_model."))
-    lm_reader.check(lm_names, extra_ok=lambda key: False)
-    vision_names = {n: s for n, s in shapes.items() if n.startswith("vision_tower.")}
-    if any(f.endswith(".safetensors") for f in os.listdir(clip_path)):
-        probe = "embeddings.patch_embedding.weight"
-        keys = checkpoint_files(clip_path)
-        prefixes = vision.read_vision_config(clip_path)[1]
-        prefix = next((p for p in prefixes if p + probe in keys), None)
-        if prefix is None:
-            raise ValueError(f"{clip_path}: no vision tower found (looked for {[p + probe for p in prefixes]})")
-        vision_reader = zero.SafetensorsReader(clip_path,
-                                               rename=lambda name: prefix + name.removeprefix("vision_tower."))
-        vision_reader.check(vision_names)  # a CLIPModel holds the text tower too: other tensors are fine
-    else:  # pytorch_model.bin: no ranged reads; the tower (0.3B parameters for ViT-L) is loaded whole
-        tower = vision.CLIPVision.from_pretrained(clip_path, dtype=torch.float32)
-        vision_reader = tensor_reader({"vision_tower." + n: t for n, t in tower.state_dict().items()})
     projector = new_projector(config, seed)
-    projector_reader = tensor_reader({"multi_modal_projector." + n: t for n, t in projector.state_dict().items()})
-    readers = {"language_model": lm_reader, "vision_tower": vision_reader, "multi_modal_projector": projector_reader}
-
-    def load(name, start, end):
-        return readers[name.split(".", 1)[0]](name, start, end)
-    return model, load
-
-
-def tensor_reader(tensors: dict):
-    """A `load(name, start, end)` over tensors in memory."""
-    return lambda name, start, end: tensors[name].reshape(-1)[start:end]  # (numel,) flat range
+    return model, checkpoint.parts_reader(model, lm_path, clip_path, projector.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -588,10 +553,7 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
             pass
         barrier()
         return path
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(((to_checkpoint_name(n, "llava-hf"), p) for n, p in params), path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_dict(run.dtype), f, indent=2)
+    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path)
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
     barrier()

@@ -22,8 +22,9 @@ Design choices
   thumbnail (the whole image squeezed to size x size) comes first. max_tiles=1 is exactly preprocess().
 - Config: a dataclass whose defaults are ViT-L/14-336; `CLIPVisionConfig.from_hf` reads a config.json's
   vision section with *transformers'* defaults for missing keys (ViT-B/32-224), as transformers would.
+- Checkpoint files (CLIPModel, CLIPVisionModel or LLaVA prefixes; safetensors or pytorch_model.bin) are read by
+  checkpoint.py; CLIPVision.from_pretrained only reads the config and builds the module it fills.
 """
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -34,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
+
+import checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # Preprocessing
@@ -354,42 +357,20 @@ class CLIPVision(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A CLIPModel, CLIPVisionModel or LLaVA directory (config.json + safetensors) -> CLIPVision."""
+        """A CLIPModel, CLIPVisionModel or LLaVA directory (config.json + safetensors or pytorch_model.bin)."""
         config, prefixes = read_vision_config(path)
         with torch.device("meta"):
             model = cls(config)
-        state = load_prefixed(path, prefixes)
-        state.pop("embeddings.position_ids", None)  # a buffer older checkpoints saved; positions are 0..T-1
-        load_exact(model, state, path, dtype, device)
-        return model
+        return checkpoint.load_clip_vision(model, path, prefixes, dtype, device)
 
 
 def read_vision_config(path):
     """(CLIPVisionConfig, candidate prefixes of the tower's tensors) of a CLIPModel, CLIPVisionModel or LLaVA
     directory, from its config.json alone (no weights read)."""
-    config_path = os.path.join(path, "config.json")
-    hf_config = read_json(config_path)
-    model_type = hf_config.get("model_type")
-    if model_type not in VISION_PREFIXES:
-        raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' or 'llava'")
-    if model_type == "clip_vision_model":
-        tower = hf_config
-    elif model_type == "llava" and hf_config.get("vision_config") is None:
-        tower = CLIPVisionConfig().to_hf()  # LlavaConfig's default vision tower: ViT-L/14-336
-    else:
-        tower = hf_config.get("vision_config") or {}
-    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise ValueError(f"{config_path}: vision_config.model_type is {tower.get('model_type')!r}; "
-                         f"only 'clip_vision_model' is supported")
-    return CLIPVisionConfig.from_hf(tower, config_path), VISION_PREFIXES[model_type]
-
-
-# Where a vision tower's weights live in each kind of checkpoint, tried in order (older layouts first).
-VISION_PREFIXES = {
-    "clip": ["vision_model."],
-    "clip_vision_model": ["vision_model.", ""],
-    "llava": ["vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower."],
-}
+    tower, prefixes = checkpoint.clip_vision_config(path)
+    if tower is None:
+        return CLIPVisionConfig(), prefixes  # LlavaConfig's default vision tower: ViT-L/14-336
+    return CLIPVisionConfig.from_hf(tower, os.path.join(path, "config.json")), prefixes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,82 +390,3 @@ class Projector(nn.Module):
 
     def forward(self, features):
         return self.linear_2(ACTIVATIONS[self.act_name](self.linear_1(features)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint reading (safetensors directories; shared with model.MedGPT)
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: expected a Hugging Face-format checkpoint directory")
-    with open(path) as f:
-        return json.load(f)
-
-
-def checkpoint_files(path) -> list:
-    """The weight files of a checkpoint directory: index-listed safetensors, all *.safetensors, or a .bin."""
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index_path}: no 'weight_map' object")
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        files = [os.path.join(path, "pytorch_model.bin")]  # read with weights_only=True: no pickle code runs
-    if not files:
-        raise FileNotFoundError(f"{path}: no model.safetensors(.index.json), *.safetensors or pytorch_model.bin")
-    return files
-
-
-def iter_checkpoint(path, want=lambda key: True):
-    """Yield (key, tensor) for the keys `want` accepts, reading only those tensors."""
-    from safetensors import safe_open
-
-    for file in checkpoint_files(path):
-        if file.endswith(".bin"):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from ((key, tensor) for key, tensor in state.items() if want(key))
-            continue
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if want(key):
-                    yield key, f.get_tensor(key)
-
-
-def load_prefixed(path, prefixes) -> dict:
-    """The tensors under the first prefix that holds a patch embedding, with the prefix stripped."""
-    probe = "embeddings.patch_embedding.weight"
-    keys = {key for file_keys in [_keys(f) for f in checkpoint_files(path)] for key in file_keys}
-    for prefix in prefixes:
-        if prefix + probe in keys:
-            return {key[len(prefix):]: t for key, t in iter_checkpoint(path, lambda k: k.startswith(prefix))
-                    if not key.startswith(prefix + "text_model.")}
-    raise KeyError(f"{path}: no vision tower found (looked for {[p + probe for p in prefixes]})")
-
-
-def _keys(file):
-    if file.endswith(".bin"):
-        return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return list(f.keys())
-
-
-def load_exact(module: nn.Module, state: dict, where, dtype, device):
-    """Load `state` into a (possibly meta) module: every parameter present, nothing extra, shapes equal."""
-    expected = dict(module.state_dict())
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{where}: checkpoint does not match the model: missing {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                       f"{' ...' if len(unexpected) > 8 else ''}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: tensor {key} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{tuple(expected[key].shape)}")
-    module.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in state.items()}, assign=True)
-    return module

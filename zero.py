@@ -32,8 +32,8 @@ Design choices
   (torch.nn.utils.clip_grad_norm_'s formula).
 - Activation checkpointing per unit (torch.utils.checkpoint, non-reentrant), on or off for all units.
 - Meta-device start: build the model under torch.device("meta") and pass `load=reader`; each rank reads only the
-  flat range of every parameter that its shard covers (`SafetensorsReader` reads rows of safetensors files and
-  dequantises MXFP4 experts one expert at a time), so no process ever holds the whole model.
+  flat range of every parameter that its shard covers (checkpoint.SafetensorsReader reads rows of safetensors
+  files and dequantises MXFP4 experts one expert at a time), so no process ever holds the whole model.
 - Checkpoints: `<root>/step_XXXXXXXX/` holds `rank00000.safetensors` (fp32 masters or frozen shards, AdamW moments,
   torch RNG), `rank00000.json` (the caller's `extra` dict: schedule, data-loader position, ...; python/numpy RNG)
   and `manifest.json` (layout, step). Written into `.tmp` and renamed by rank 0 after a barrier: a crash leaves
@@ -177,7 +177,7 @@ class ZeRO3:
     units: submodules of model, in the order forward calls them, none inside another.
     dtype: compute dtype of gathered parameters (fp32 masters and optimizer state either way).
     load: for a model on the meta device, `load(name, start, end) -> 1-D tensor` of elements [start, end) of the
-        flattened parameter `name` (see SafetensorsReader); otherwise shards are cut from the model's values.
+        flattened parameter `name` (see checkpoint.SafetensorsReader); otherwise shards are cut from the model's values.
     """
 
     def __init__(self, model, units, *, dtype=torch.float32, device=None, lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -511,88 +511,6 @@ def _checkpointed(forward):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading released weights shard-wise (meta-device start)
-
-
-class SafetensorsReader:
-    """`reader(name, start, end)`: elements [start, end) of the flattened tensor `name` of a safetensors checkpoint
-    (a file, or a directory with or without an index), reading only the rows that cover the range. MXFP4 experts
-    (`name_blocks` / `name_scales`, (E, out, in/32, 16)) are dequantised one expert at a time into transformers'
-    (E, in, out) layout. `rename(name)` maps model names to checkpoint names (e.g. LLaVA's prefixes)."""
-
-    def __init__(self, path, rename=None):
-        from model import checkpoint_files  # the one home of checkpoint discovery
-        self.files, self.rename = checkpoint_files(path), rename or (lambda n: n)
-        self.path = path
-
-    def __call__(self, name, start, end):
-        key = self.rename(name)
-        if key in self.files:
-            with safe_open(self.files[key], framework="pt") as f:
-                src = f.get_slice(key)
-                shape = src.get_shape()
-                row = math.prod(shape[1:]) if len(shape) > 1 else 1
-                if len(shape) == 0:
-                    return f.get_tensor(key).reshape(-1)[start:end]
-                r0, r1 = start // row, -(-end // row)
-                rows = src[r0:r1].reshape(-1)  # (rows * row,)
-                return rows[start - r0 * row:end - r0 * row]
-        if key + "_blocks" in self.files and key + "_scales" in self.files:
-            return self._read_mxfp4(key, start, end)
-        raise KeyError(f"{self.path}: no tensor {key!r} (for parameter {name!r}) and no MXFP4 pair {key}_blocks/_scales")
-
-    def check(self, shapes, extra_ok=None):
-        """Fail before reading anything: each parameter of `shapes` ({model name: shape}) must have a tensor of that
-        shape, or an MXFP4 uint8 pair that dequantises to it. With extra_ok (a predicate on checkpoint names), a
-        tensor that no parameter claims and extra_ok rejects is an error too (a config.json that does not fit)."""
-        header = {}  # checkpoint name -> (dtype, shape), one pass over each file's header
-        for file in sorted(set(self.files.values())):
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    src = f.get_slice(key)
-                    header[key] = (src.get_dtype(), tuple(src.get_shape()))
-        missing, claimed = [], set()
-        for name, shape in shapes.items():
-            key, shape = self.rename(name), tuple(shape)
-            if key in header:
-                wanted = {key: (("F32", "BF16", "F16", "F64"), shape)}
-            elif key + "_blocks" in header and key + "_scales" in header and len(shape) == 3:
-                E, n_in, n_out = shape  # transformers' (E, in, out); the released pair is (E, out, in/32, ...)
-                wanted = {key + "_blocks": (("U8",), (E, n_out, n_in // 32, 16)),
-                          key + "_scales": (("U8",), (E, n_out, n_in // 32))}
-            else:
-                missing.append(key)
-                continue
-            for k, (dtypes, want) in wanted.items():
-                got_dtype, got = header[k]
-                if got != want or got_dtype not in dtypes:
-                    raise ValueError(f"{self.files[k]}: tensor {k} is {got_dtype} {got}, expected {'/'.join(dtypes)} "
-                                     f"{want} for parameter {name} of shape {shape} (from config.json): are "
-                                     f"config.json and the weights from the same model?")
-                claimed.add(k)
-        unexpected = [] if extra_ok is None else sorted(k for k in header if k not in claimed and not extra_ok(k))
-        if missing or unexpected:
-            raise ValueError(f"{self.path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors "
-                             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-
-    def _read_mxfp4(self, key, start, end):
-        from model import mxfp4_dequantize
-        with safe_open(self.files[key + "_blocks"], framework="pt") as fb, \
-                safe_open(self.files[key + "_scales"], framework="pt") as fs:
-            blocks, scales = fb.get_slice(key + "_blocks"), fs.get_slice(key + "_scales")
-            E, n_out, groups, _ = blocks.get_shape()
-            per_expert = n_out * groups * 32
-            pieces = []
-            for e in range(start // per_expert, -(-end // per_expert)):
-                w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0])  # (out, in)
-                w = w.t().reshape(-1)  # (in * out,): transformers' (E, in, out) layout
-                a, b = max(start, e * per_expert) - e * per_expert, min(end, (e + 1) * per_expert) - e * per_expert
-                pieces.append(w[a:b])
-            return torch.cat(pieces)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def test_stage2_sharded_init_equals_from_pretrained(parts, stage1_model):
         for name in whole:
             assert torch.equal(sharded[name], whole[name]), name
         if reference is not None:  # transformers' module names (test_medgpt checks this table against them)
-            from model import to_checkpoint_name
+            from checkpoint import to_checkpoint_name
             state = reference.state_dict()
             assert len(state) == len(sharded)
             for name, tensor in sharded.items():

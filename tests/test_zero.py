@@ -1,7 +1,7 @@
 """
 zero.py: ZeRO-3 on 2 CPU processes (gloo, torchrun) against one plain PyTorch process and against FSDP2 (raw
 fully_shard, and the zero.FSDP2 engine that `--sharding=fsdp2` uses);
-memory, bytes moved, checkpoints N -> M, the memory plan against PyTorch's MemTracker; shard-wise reading.
+memory, bytes moved, checkpoints N -> M, the memory plan against PyTorch's MemTracker.
 
 The torchrun launches run once per session (module fixture `runs`); tests read their outputs.
 """
@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import zero  # noqa: E402
 import zero_worker  # noqa: E402
-from model import GPT, GPTConfig, param_counts, write_safetensors  # noqa: E402
+from checkpoint import write_safetensors  # noqa: E402
+from model import GPT, GPTConfig, param_counts  # noqa: E402
 
 WORKER = os.path.join(ROOT, "tests", "zero_worker.py")
 STEPS, SAVE_AT = 4, 2
@@ -257,31 +258,6 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     z_other = zero.ZeRO3(other, list(other.model.layers))
     with pytest.raises(ValueError, match="layout differs"):
         zero.load_checkpoint(z_other, path)
-
-
-def test_reader_reads_flat_ranges(tmp_path):
-    t = {"a": torch.randn(5, 3, 4), "b": torch.randn(7), "c": torch.randn(2, 9)}
-    save_file(t, str(tmp_path / "x.safetensors"))
-    reader = zero.SafetensorsReader(str(tmp_path / "x.safetensors"))
-    for name, full in t.items():
-        flat = full.reshape(-1)
-        for start, end in ((0, flat.numel()), (1, 2), (5, 17), (flat.numel() - 3, flat.numel())):
-            assert torch.equal(reader(name, start, end), flat[start:end]), (name, start, end)
-
-
-def test_reader_dequantises_mxfp4_like_transformers(tmp_path):
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-    E, out_features, in_features = 3, 8, 64
-    g = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, 256, (E, out_features, in_features // 32, 16), dtype=torch.uint8, generator=g)
-    scales = torch.randint(120, 134, (E, out_features, in_features // 32), dtype=torch.uint8, generator=g)
-    save_file({"w_blocks": blocks, "w_scales": scales}, str(tmp_path / "m.safetensors"))
-    want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # transformers' (E, in, out)
-    assert want.shape == (E, in_features, out_features)
-    reader = zero.SafetensorsReader(str(tmp_path / "m.safetensors"))
-    flat = want.reshape(-1)
-    for start, end in ((0, flat.numel()), (100, 700), (511, 513)):
-        assert torch.equal(reader("w", start, end), flat[start:end])
 
 
 def test_bf16_compute_keeps_fp32_masters():

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import zero  # noqa: E402
 from model import GPT, GPTConfig, rope_inv_freq  # noqa: E402
 
@@ -97,7 +98,7 @@ def run_ref(args):
 def run_zero(args, rank, world_size, tag, resume):
     model = build(args.init, meta=True)
     z = zero.ZeRO3(model, list(model.model.layers), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                   checkpointing=args.checkpointing, load=zero.SafetensorsReader(args.init))
+                   checkpointing=args.checkpointing, load=checkpoint.SafetensorsReader(args.init))
     full_params_held = sum(p.numel() for p in model.parameters())  # 0: every parameter lives only in shards
     torch.manual_seed(args.seed)
     first, extra = 0, None
