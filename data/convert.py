@@ -250,7 +250,8 @@ class EvalWriter:
             for item in self.items:
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")
         info = {"benchmark": self.benchmark, "source": os.path.abspath(src), "source_split": source_split,
-                "limit": self.limit, "items": len(self.items), "question_types": dict(Counter(i["question_type"] for i in self.items)),
+                "limit": self.limit, "items": len(self.items),
+                "question_types": dict(Counter(i["question_type"] for i in self.items)),
                 "skipped": dict(self.skipped)}
         with open(os.path.join(self.dir, "convert_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
@@ -383,8 +384,9 @@ def llava_med_images(w, src, json_path):
 
 def convert_llava_med_alignment(src, split, w):
     """LLaVA-Med `llava_med_alignment_500k.json`: a JSON list of {"id", "image", "conversations"} -> captions."""
-    path = find_file(src, [split] if split else ["llava_med_alignment_500k.json", "alignment/llava_med_alignment_500k.json",
-                     "**/llava_med_alignment_500k.json", "**/*alignment*.json"], "LLaVA-Med alignment JSON")
+    names = ["llava_med_alignment_500k.json", "alignment/llava_med_alignment_500k.json",
+             "**/llava_med_alignment_500k.json", "**/*alignment*.json"]
+    path = find_file(src, [split] if split else names, "LLaVA-Med alignment JSON")
     images = llava_med_images(w, src, path)
     for row, line in read_jsonl(path):
         where = f"{path}: item {line}"
@@ -654,7 +656,8 @@ def image_suffix(struct):
 
 
 def convert_pathvqa(src, split, w):
-    """PathVQA, Hugging Face parquet release (flaviagiammarino/path-vqa: data/test-*.parquet of image/question/answer)."""
+    """PathVQA, Hugging Face parquet release (flaviagiammarino/path-vqa: data/test-*.parquet of image, question,
+    answer; or the hub's auto-converted default/test/0000.parquet)."""
     split = split or "test"
     if not glob.glob(os.path.join(src, "**", "*.parquet"), recursive=True) and \
             glob.glob(os.path.join(src, "**", "*.pkl"), recursive=True):
