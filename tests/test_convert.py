@@ -323,3 +323,157 @@ def test_overlap_between_training_hashes_and_eval_items(tmp_path):
              {"id": "b", "question_sha256": norm_sha("other"), "image_sha256": [file_sha(os.path.join(src, "images/PMC100_F1.jpg"))]},
              {"id": "c", "question_sha256": norm_sha("other"), "image_sha256": [file_sha(os.path.join(src, "images/PMC101_F2.jpg"))]}]
     assert convert.overlap(items, hashes) == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------- releases as they ship (raw_releases)
+
+import eval as harness  # noqa: E402  (the prompt wording the stage-3 conversations must use)
+import raw_releases  # noqa: E402
+
+
+def test_pmc_vqa_both_zips_unpacked_uses_figures_and_index_ids(tmp_path):
+    pytest.importorskip("skimage")
+    src = raw_releases.make_pmc_vqa(str(tmp_path))
+    convert.convert("pmc-vqa", src, str(tmp_path / "out"))
+    items = check_eval_items(str(tmp_path / "out"), "pmc_vqa")
+    assert [i["id"] for i in items] == ["pmc_vqa-17", "pmc_vqa-42"]  # the release's index column
+    assert items[0]["options"]["A"] == "Right Coronary Artery"
+    assert items[0]["image_sha256"] == [file_sha(os.path.join(src, "figures", "PMC8253867_Fig2_41.jpg"))]
+
+
+def test_mmmu_pro_root_selects_config_and_refuses_vision(tmp_path):
+    src = raw_releases.make_mmmu_pro(str(tmp_path))
+    for bench, n in (("mmmu_pro_med_4", 4), ("mmmu_pro_med_10", 10)):
+        convert.convert("mmmu", src, str(tmp_path / "out"), benchmark=bench)
+        (item,) = check_eval_items(str(tmp_path / "out"), bench)
+        assert len(item["options"]) == n and item["options"][item["answer"]] == "Pneumothorax"
+    with pytest.raises(LayoutError, match="mmmu_pro_med_4 or --benchmark mmmu_pro_med_10"):
+        convert.convert("mmmu", src, str(tmp_path / "out2"))
+    with pytest.raises(LayoutError, match="vision"):
+        convert.convert("mmmu", os.path.join(src, "vision"), str(tmp_path / "out3"))
+
+
+def test_llava_med_official_layout_and_images_flag(tmp_path):
+    pytest.importorskip("skimage")
+    src = raw_releases.make_llava_med(str(tmp_path))
+    for root in (src, os.path.join(src, "data"), os.path.join(src, "data", "alignment")):
+        info = convert.convert("llava-med-alignment", root, str(tmp_path / "out"))
+        assert info["rows"] == 2
+    info = convert.convert("llava-med-instruct", src, str(tmp_path / "out"))
+    assert info["rows"] == 1
+    elsewhere = tmp_path / "pictures"
+    shutil.move(os.path.join(src, "data", "images"), elsewhere)
+    with pytest.raises(LayoutError, match="--images"):
+        convert.convert("llava-med-alignment", src, str(tmp_path / "out"))
+    info = convert.convert("llava-med-alignment", src, str(tmp_path / "out"), images=str(elsewhere))
+    assert info["rows"] == 2
+
+
+def test_vqa_rad_question_types_do_not_depend_on_the_release(tmp_path):
+    osf = raw_releases.make_vqa_rad_osf(str(tmp_path))
+    hub = raw_releases.make_vqa_rad_parquet(str(tmp_path))  # default/test/0000.parquet
+    convert.convert("vqa-rad", osf, str(tmp_path / "osf"))
+    convert.convert("vqa-rad", hub, str(tmp_path / "hub"))
+    from_osf = [(i["question"], i["question_type"]) for i in check_eval_items(str(tmp_path / "osf"), "vqa_rad")]
+    from_hub = [(i["question"], i["question_type"]) for i in check_eval_items(str(tmp_path / "hub"), "vqa_rad")]
+    assert from_osf == from_hub == [("is there a fracture?", "yes_no"), ("is this an ap or pa film?", "closed"),
+                                    ("where is the opacity?", "open")]
+
+
+def test_pathvqa_hub_auto_converted_layout(tmp_path):
+    rows = [{"image": raw_releases.struct("JPEG"), "question": "is this normal?", "answer": "no"}]
+    raw_releases.write_parquet(str(tmp_path / "path-vqa" / "default" / "test" / "0000.parquet"), rows)
+    assert convert.convert("pathvqa", str(tmp_path / "path-vqa"), str(tmp_path / "out"))["items"] == 1
+
+
+def test_zero_items_is_an_error_with_the_reason(tmp_path, capsys):
+    src = fixture("pmc_vqa", tmp_path)  # no image files at all
+    with pytest.raises(LayoutError, match=r"wrote 0 pmc_vqa items \(2 x missing image\)"):
+        convert.convert("pmc-vqa", src, str(tmp_path / "out"), skip_missing=True)
+    assert convert.main(["pmc-vqa", "--src", src, "--out", str(tmp_path / "out"), "--skip-missing"]) == 2
+    assert "wrote 0" in capsys.readouterr().err
+
+
+def test_limit(tmp_path, capsys):
+    src = fixture("medmcqa", tmp_path)
+    assert convert.main(["medmcqa", "--src", src, "--out", str(tmp_path / "out"), "--limit", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["items"] == 1 and info["limit"] == 1
+    assert len(read_items(tmp_path / "out" / "medmcqa" / "test.jsonl")) == 1
+
+
+def test_train_split_becomes_conversations_and_leaves_the_test_set(tmp_path):
+    pytest.importorskip("skimage")
+    src = raw_releases.make_slake(str(tmp_path))
+    out = str(tmp_path / "out")
+    convert.convert("slake", src, out)
+    test_bytes = open(os.path.join(out, "slake", "test.jsonl"), "rb").read()
+    info = convert.convert("slake", src, out, split="train")
+    assert open(os.path.join(out, "slake", "test.jsonl"), "rb").read() == test_bytes
+    assert info["name"] == "slake_train" and info["skipped"] == {"q_lang != en": 1}
+    rows = read_items(os.path.join(out, "slake_train", "train.jsonl"))
+    released = [r for r in json.load(open(os.path.join(src, "train.json"))) if r["q_lang"] == "en"]
+    for row, r in zip(rows, released):
+        qtype = "open" if r["answer_type"] == "OPEN" else "yes_no"
+        prompt = harness.build_prompt({"question_type": qtype, "question": r["question"], "options": None,
+                                       "images": ["x"]})
+        assert row["conversations"] == [{"from": "human", "value": prompt},
+                                        {"from": "gpt", "value": r["answer"].lower() if qtype == "yes_no" else r["answer"]}]
+        assert os.path.samefile(os.path.join(out, "slake_train", row["image"]), os.path.join(src, "imgs", r["img_name"]))
+
+
+def test_text_qa_train_splits_carry_explanations(tmp_path):
+    out = str(tmp_path / "out")
+    convert.convert("medmcqa", raw_releases.make_medmcqa(str(tmp_path)), out, split="train")
+    (row,) = read_items(os.path.join(out, "medmcqa_train", "train.jsonl"))
+    assert row["conversations"][1] == {"from": "gpt", "value": "B", "thinking": "Chloroquine is safe in pregnancy."}
+    assert "B. Chloroquine" in row["conversations"][0]["value"] and "image" not in row
+    convert.convert("pubmedqa", raw_releases.make_pubmedqa(str(tmp_path)), out, split="train")
+    test_pmids = set(json.load(open(os.path.join(FIXTURES, "pubmedqa", "data", "test_ground_truth.json"))))
+    rows = read_items(os.path.join(out, "pubmedqa_train", "train.jsonl"))
+    assert rows and not {r["id"].split("-")[-1] for r in rows} & test_pmids
+
+
+def test_roco_and_rocov2_captions(tmp_path):
+    out = str(tmp_path / "out")
+    convert.convert("roco", raw_releases.make_roco(str(tmp_path)), out)
+    rows = read_items(os.path.join(out, "roco", "train.jsonl"))
+    assert [r["caption"] for r in rows] == ["Computed tomography scan in axial view showing obliteration of the "
+                                            "left maxillary sinus", "Axial MRI of the brain."]
+    convert.convert("rocov2", raw_releases.make_rocov2(str(tmp_path)), out)
+    assert read_items(os.path.join(out, "rocov2", "train.jsonl"))[1]["caption"] == "Chest X-ray, PA view: no effusion."
+    data = raw_releases.image_bytes()
+    raw_releases.write_parquet(str(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet"),
+                               [{"image": {"bytes": data, "path": None}, "image_id": "ROCOv2_2023_train_000001",
+                                 "caption": "Head CT.", "cui": ["C0040405"]}])
+    convert.convert("rocov2", str(tmp_path / "hf"), str(tmp_path / "out2"))
+    (row,) = read_items(tmp_path / "out2" / "rocov2" / "train.jsonl")
+    assert file_sha(tmp_path / "out2" / "rocov2" / row["image"]) == hashlib.sha256(data).hexdigest()
+
+
+def test_pmc_article_figures_follow_their_first_citation(tmp_path):
+    src = raw_releases.make_pmc_articles(str(tmp_path))
+    convert.convert("pmc-articles", src, str(tmp_path / "out"))
+    (doc,) = read_items(tmp_path / "out" / "pmc-articles" / "train.jsonl")
+    parts = doc["content"]
+    images = [os.path.basename(p["image"]) for p in parts if p["type"] == "image"]
+    assert images == ["gr2.jpg", "gr1.jpg", "gr3.jpg"]  # Fig. 2 is cited first; Fig. 3 never (at the end)
+    text = [p["text"] for p in parts if p["type"] == "text"]
+    assert text[0].startswith("Pleural effusion in a young adult: a case report\n\nWe report a pleural effusion.")
+    assert text[0].rstrip().endswith("The radiograph (Fig. 2) showed an effusion.")
+    assert text[1].strip().startswith("Fig. 2 Chest radiograph, PA view.")
+    assert "A reference." not in " ".join(text) and "Table 1 Laboratory values." in " ".join(text)
+
+
+def test_pubmed_abstracts_and_text_folder(tmp_path):
+    out = str(tmp_path / "out")
+    info = convert.convert("pubmed", raw_releases.make_pubmed(str(tmp_path)), out)
+    assert info["skipped"] == {"no abstract": 1}
+    (doc,) = read_items(os.path.join(out, "pubmed", "train.jsonl"))
+    assert doc == {"id": "pmid100", "text": "Statins after myocardial infarction.\n\nBACKGROUND: Statins lower "
+                                           "LDL.\n\nRESULTS: Mortality fell by 20%."}
+    info = convert.convert("text-folder", raw_releases.make_text(str(tmp_path)), out)
+    docs = read_items(os.path.join(out, "text-folder", "train.jsonl"))
+    assert info["skipped"] == {"empty file": 1}
+    assert [d["id"] for d in docs] == ["asthma/step-up.md", "sepsis.txt"]
+    assert docs[1]["text"] == "Sepsis bundle.\n\nGive antibiotics within one hour."
