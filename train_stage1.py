@@ -3,8 +3,11 @@ Stage 1 of MedGPT-oss: alignment. Only the projector trains; the CLIP vision tow
 model are frozen, so the projector learns to turn image features into something the LM reads as words.
 
     torchrun --nproc_per_node 8 train_stage1.py --lm_path=gpt-oss-20b --clip_path=clip-vit-large-patch14-336 \
-        --data=data/recipes/medgpt-20b/stage1.json
+        --data=out/data/stage1.json
     python train_stage1.py --preset=tiny            # the demo: a tiny random model on out/demo/data, a CPU
+
+out/data/stage1.json is what `python -m data.prepare --raw RAW --out out/data` writes from the recipe file
+data/recipes/medgpt-20b/stage1.json (the sources it found under RAW, leakage-filtered against the eval sets).
 
 This file is the whole stage, top to bottom: its recipe (Stage1Config, PRESETS), the starting model, what trains,
 the data, the ZeRO-3 engine, its own step loop and the final save. The step loop is written out again in
@@ -47,7 +50,7 @@ class Stage1Config(training.TrainConfig):
     out_dir: str = "out/stage1"
     init_from: str = "parts"     # parts (lm_path + clip_path) | scratch (random weights of --arch)
     arch: str = "medgpt-20b"
-    data: str = "data/recipes/medgpt-20b/stage1.json"
+    data: str = "out/data/stage1.json"
     global_batch: int = 128
     micro_batch: int = 8
     seq_len: int = 4096

@@ -2,7 +2,7 @@
 Stage 2 of MedGPT-oss: mid-training. Everything trains (vision tower, projector, language model) on a packed
 mixture of long multimodal documents and biomedical text, with the context growing to 131072 tokens.
 
-    torchrun --nproc_per_node 8 train_stage2.py --init_from=out/stage1/final --data=data/recipes/medgpt-20b/stage2.json
+    torchrun --nproc_per_node 8 train_stage2.py --init_from=out/stage1/final --data=out/data/stage2.json
     python train_stage2.py --preset=tiny            # the demo: from out/demo/stage1/final, a CPU
 
 This file is the whole stage, top to bottom: its recipe (Stage2Config, PRESETS), the context-length schedule, the
@@ -47,7 +47,7 @@ class Stage2Config(training.TrainConfig):
     out_dir: str = "out/stage2"
     init_from: str = "out/stage1/final"
     arch: str = "medgpt-20b"
-    data: str = "data/recipes/medgpt-20b/stage2.json"
+    data: str = "out/data/stage2.json"
     global_batch: int = 32       # rows of the final seq_len per step
     micro_batch: int = 1         # one row per forward; 4 accumulation steps on 8 GPUs at the longest context
     seq_len: int = 131072

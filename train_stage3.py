@@ -2,7 +2,7 @@
 Stage 3 of MedGPT-oss: instruction tuning. Everything trains on a mixture of multimodal and text-only
 instructions rendered as harmony chats; the loss is on the assistant's output only.
 
-    torchrun --nproc_per_node 8 train_stage3.py --init_from=out/stage2/final --data=data/recipes/medgpt-20b/stage3.json
+    torchrun --nproc_per_node 8 train_stage3.py --init_from=out/stage2/final --data=out/data/stage3.json
     python train_stage3.py --preset=tiny            # the demo: from out/demo/stage2/final, a CPU
 
 This file is the whole stage, top to bottom: its recipe (Stage3Config, PRESETS), the starting model, what trains,
@@ -45,7 +45,7 @@ class Stage3Config(training.TrainConfig):
     out_dir: str = "out/stage3"
     init_from: str = "out/stage2/final"
     arch: str = "medgpt-20b"
-    data: str = "data/recipes/medgpt-20b/stage3.json"
+    data: str = "out/data/stage3.json"
     global_batch: int = 128
     micro_batch: int = 4         # 4 rows per GPU, 4 accumulation steps on 8 GPUs
     seq_len: int = 8192
