@@ -274,21 +274,6 @@ def test_medbullets(tmp_path, split, n):
     assert [i["options"][i["answer"]] for i in items] == ["Acetazolamide", "Purkinje fibers"][:n]
 
 
-def test_mimic_cxr_reports(tmp_path):
-    images = ["files/p10/p10000032/s50414267/d1a.jpg", "files/p10/p10000032/s50414267/d1b.jpg",
-              "files/p10/p10000032/s53189527/d2a.jpg", "files/p10/p10000764/s56699142/d3a.jpg"]
-    src = fixture("mimic_cxr", tmp_path, images)
-    convert.convert("mimic-cxr", src, str(tmp_path / "out"))
-    items = check_eval_items(str(tmp_path / "out"), "mimic_cxr")
-    assert [i["id"] for i in items] == ["mimic_cxr-s50414267", "mimic_cxr-s56699142"]  # test split only
-    first, second = items
-    assert first["question_type"] == "report"
-    assert first["answer"] == ("Findings: There is no focal consolidation, pleural effusion or pneumothorax. "
-                               "Bilateral nodular opacities are unchanged. Impression: No acute cardiopulmonary process.")
-    assert first["image_sha256"] == [file_sha(os.path.join(src, images[0]))]  # frontal (PA) only, not the lateral
-    assert second["answer"] == "Impression: No fracture."
-
-
 # ---------------------------------------------------------------------------- errors, CLI, overlap
 
 def test_layout_error_names_file_line_and_field(tmp_path):

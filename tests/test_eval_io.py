@@ -229,9 +229,6 @@ CONVERTED = [
     ("medmcqa", "medmcqa", [], ["medmcqa"]),
     ("pubmedqa", "pubmedqa", [], ["pubmedqa"]),
     ("medbullets", "medbullets", [], ["medbullets"]),
-    ("mimic-cxr", "mimic_cxr", ["files/p10/p10000032/s50414267/d1a.jpg", "files/p10/p10000032/s50414267/d1b.jpg",
-                                "files/p10/p10000032/s53189527/d2a.jpg", "files/p10/p10000764/s56699142/d3a.jpg"],
-     ["mimic_cxr"]),
 ]
 
 
