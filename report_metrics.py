@@ -236,8 +236,8 @@ def chexbert_embeddings(texts, path):
     with torch.no_grad():
         for text in texts:
             tokens = tokenizer.tokenize(" ".join(text.split()))
-            ids = tokenizer.encode_plus(tokens)["input_ids"] if tokens else [tokenizer.cls_token_id,
-                                                                              tokenizer.sep_token_id]
+            # [CLS] tokens [SEP], what CheXbert's encode_plus(tokens) gives (transformers 5 has no encode_plus)
+            ids = [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokens) + [tokenizer.sep_token_id]
             ids = ids[:511] + [tokenizer.sep_token_id] if len(ids) > 512 else ids
             hidden = bert(torch.tensor([ids])).last_hidden_state   # (1, T, 768)
             out.append(hidden[0, 0])
