@@ -261,7 +261,8 @@ def test_bertscore_through_the_code_path(tmp_path, monkeypatch):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(reports, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(model_dir))
-    tokenizer = transformers.RobertaTokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
+    tokenizer = transformers.RobertaTokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"),
+                                              model_max_length=512)   # as distilroberta-base's tokenizer
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
     config = transformers.RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=6,
