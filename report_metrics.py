@@ -307,7 +307,8 @@ def report_metrics(hypotheses, references, paths=None):
             out[name] = scores if isinstance(scores, str) else float(np.mean(scores))
     missing = [name for name in RADCLIQ_V1_FEATURES if isinstance(per_report[name], str)]
     if missing:
-        out["radcliq_v1"] = out["inv_radcliq_v1"] = _not_computed(f"needs {', '.join(missing)}, not computed")
+        reason = _not_computed(f"needs {', '.join(missing)}, which were not computed")
+        out["radcliq_v1"] = out["inv_radcliq_v1"] = reason
     else:
         features = np.array([per_report[name] for name in RADCLIQ_V1_FEATURES]).T   # (N, 4)
         out["radcliq_v1"] = float(np.mean(radcliq_v1(features)))

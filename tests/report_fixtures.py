@@ -98,7 +98,8 @@ def mimic_report(style, findings, impression):
     head = ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
             " INDICATION:  ___F with cough\n \n COMPARISON:  None.\n \n")
     if style == "findings+impression":
-        return head + f" FINDINGS: \n \n{wrap(findings)}\n \n IMPRESSION: \n \n{wrap(impression)}\n", findings, impression
+        text = head + f" FINDINGS: \n \n{wrap(findings)}\n \n IMPRESSION: \n \n{wrap(impression)}\n"
+        return text, findings, impression
     if style == "findings and impression":   # one combined section: normalised to impression
         return head + f" FINDINGS AND IMPRESSION: \n{wrap(impression)}\n", None, impression
     if style == "conclusion":                # CONCLUSION is impression; the findings section stays findings

@@ -35,7 +35,7 @@ def test_header_names_are_normalised_as_the_official_parser(header, name):
 
 
 def test_official_rules_on_report_styles():
-    both = f"                                 FINAL REPORT\n{HEAD} FINDINGS: \n \n Heart normal.\n \n IMPRESSION: \n \n No acute.\n"
+    both = f" FINAL REPORT\n{HEAD} FINDINGS: \n \n Heart normal.\n \n IMPRESSION: \n \n No acute.\n"
     assert mimic.task_references(both) == {"findings": "Heart normal.", "impression": "No acute."}
     combined = f" FINAL REPORT\n{HEAD} FINDINGS AND IMPRESSION: \n Small effusion.\n"
     assert mimic.task_references(combined) == {"findings": None, "impression": "Small effusion."}
@@ -48,7 +48,7 @@ def test_official_rules_on_report_styles():
     # an empty impression is dropped, the last of two findings sections wins, comparison is no fallback
     two = f" FINAL REPORT\n{HEAD} FINDINGS:\n \n FINDINGS: Second.\n \n IMPRESSION: \n \n"
     assert mimic.task_references(two) == {"findings": "Second.", "impression": None}
-    only_comparison = f" FINAL REPORT\n COMPARISON: Chest radiograph dated ___. Unchanged.\n"
+    only_comparison = " FINAL REPORT\n COMPARISON: Chest radiograph dated ___. Unchanged.\n"
     sections = mimic.report_sections(only_comparison)
     assert sections["comparison"] == "Chest radiograph dated ___. Unchanged." and sections["conclusion"] == \
         sections["comparison"]
@@ -61,7 +61,7 @@ def test_per_study_rules():
     assert mimic.task_references(text, "s50196495") == {"findings": None, "impression": " ".join(text[59:399].split())}
     assert mimic.task_references(text, "s58235663") == {"findings": None, "impression": None}
     # s51491012: its conclusion sits in the (last) HISTORY section
-    report = f" FINAL REPORT\n HISTORY: first.\n \n IMPRESSION: not this.\n HISTORY: The finding.\n"
+    report = " FINAL REPORT\n HISTORY: first.\n \n IMPRESSION: not this.\n HISTORY: The finding.\n"
     assert mimic.task_references(report, "s51491012") == {"findings": None, "impression": "The finding."}
 
 
@@ -190,7 +190,7 @@ def test_mimic_layout_errors(tmp_path):
     with pytest.raises(mimic.LayoutError, match="no nonexistent study"):
         convert.convert("mimic-cxr", str(tmp_path / "src2"), str(tmp_path / "out"), split="nonexistent")
 
-# ---------------------------------------------------------------------------------------------------- IU-Xray, CheXpert Plus
+# ---------------------------------------------------------------------------------------------------- IU-Xray, CheXpert
 
 
 def test_iu_xray(tmp_path):

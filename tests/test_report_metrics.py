@@ -87,7 +87,8 @@ def test_rouge_l_equals_rouge_score():
 def test_summary_report_metrics_equal_references(tmp_path):
     pairs = report_pairs()[:12]
     records = [ev.make_record({"id": f"r{i}", "benchmark": "mimic_cxr_findings", "question_type": "report",
-                               "question": "", "options": None, "answer": ref}, hyp) for i, (hyp, ref) in enumerate(pairs)]
+                               "question": "", "options": None, "answer": ref}, hyp)
+               for i, (hyp, ref) in enumerate(pairs)]
     report = ev.summarize(records)["mimic_cxr_findings"]["report"]
     hyps, refs = [h for h, _ in pairs], [r for _, r in pairs]
     for n in range(1, 5):   # the paper's 0-1 scale
@@ -199,7 +200,7 @@ def test_every_model_metric_says_why_it_is_not_computed(monkeypatch):
         else:
             assert "no model: set MEDGPT_" in out[name]
     assert out["radcliq_v1"] == out["inv_radcliq_v1"] == \
-        "not computed: needs radgraph_combined, bertscore, semb, not computed"
+        "not computed: needs radgraph_combined, bertscore, semb, which were not computed"
     assert isinstance(out["bleu4"], float) and 0 <= out["rouge_l"] <= 1
     assert out["radgraph_combined"].startswith("not computed")
 
