@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 # ----------------------------------------------------------------------------------------------------------
 # RadCliQ-v1's constants, transcribed from rajpurkarlab/CXR-Report-Metric commit 9c9ecad, CXRMetric/radcliq-v1.pkl
@@ -221,7 +222,6 @@ def bertscore(hypotheses, references, path):
 
 def chexbert_embeddings(texts, path):
     """CheXbert's [CLS] embedding of each text, (N, 768): bert-base-uncased with chexbert.pth's weights."""
-    import torch
     from transformers import BertConfig, BertModel, BertTokenizer
     tokenizer = BertTokenizer.from_pretrained(path)
     bert = BertModel(BertConfig.from_pretrained(path), add_pooling_layer=True)
