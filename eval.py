@@ -2,6 +2,8 @@
 Evaluation harness for MedGPT-oss nano: the paper's benchmarks, deterministic decoding, strict scoring.
 
     python eval.py --model out/final --bench slake,vqa_rad --data_dir data/eval --out_dir out/eval
+    python eval.py --model out/final --bench mimic_cxr_impression --data_dir data/eval --out_dir out/eval \
+        --prior --max_views 3 --shots 0,1 --shot_pool data/train/mimic_cxr_instruct/train.jsonl
     torchrun --nproc_per_node 8 eval.py --model ... --bench ... --data_dir ... --out_dir ...
     python eval.py --rescore out/eval/items.jsonl --out out/eval/rescored.jsonl [--lenient]
 
@@ -10,14 +12,21 @@ Design choices
   converters in data/. The harness never knows a benchmark's original layout, only its question types.
 - One prompt per question type (multiple_choice, yes_no, closed, open, report), rendered as a harmony user
   turn; the assistant turn is opened on the final channel, so the final channel's text is the answer.
+  Report items of a task (findings, impression) are prompted by data.mimic.report_prompt, which names the
+  task, the views and whether a prior study is given: --max_views keeps a study's first N views (frontal
+  first), --prior adds the linked prior study's images and report.
+- In-context shots (--shots k): k exemplars from a named pool (a train-split file: eval items or stage-3
+  conversations) go before the question as earlier user/assistant turns. Chosen per item by a stated rule
+  (seeded random, or nearest by image thumbnail cosine), of the same task or question type, never sharing an
+  image (sha256) with any test item. --shots 0,1 runs both and the tables put them side by side.
 - Greedy decoding only, batched with the model's KV cache, prompts sorted by length. Batching must not change
   a prediction: the test suite checks batch 1 against batch 8.
 - Strict scoring, by rules short enough to read below (`parse_choice`, `parse_yes_no`, `normalize`).
   A response that names two options, both yes and no, or nothing parseable is wrong. `--lenient` adds
   MedEvalKit's closest-option fallback (difflib similarity) for multiple choice, reported in its own column.
-- Report metrics written here (BLEU-1..4 as sacrebleu's corpus BLEU, ROUGE-L as rouge-score's F-measure) and
-  tested equal to those packages; clinical metrics (RadGraph-F1, RaTEScore, GREEN) run only when their package
-  and local weights exist, otherwise results.json says why they were skipped.
+- Report metrics (report_metrics.py) on the paper's 0-1 scale: BLEU-1..4, ROUGE-L, BERTScore, s_emb,
+  RadGraph-F1, RaTEScore, RadCliQ-v1 and 1/RadCliQ-v1; model-based ones read local models only, and one that
+  cannot run is "not computed: <why>".
 - Accuracy comes with a bootstrap 95% interval (1000 resamples of the items, fixed seed).
 - Every finished batch is appended to `<out_dir>/progress/rank<R>.jsonl`; a rerun skips items already there,
   so an interrupted run resumes. Under torchrun items are dealt round-robin over ranks and gathered on rank 0
@@ -29,8 +38,8 @@ import difflib
 import functools
 import hashlib
 import json
-import math
 import os
+import random
 import re
 import string
 import sys
@@ -39,6 +48,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import model as modeling
+import report_metrics
+import vision
+import zero
+from data.leakage import load_hashes, text_sha256
+from data.harmony import render_generation_prompt
+from data.mimic import TASKS, TRAIN_MAX_VIEWS, report_prompt
+from data.tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, decode, encode_ordinary
+from data.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Benchmarks and the paper's numbers
@@ -61,7 +83,12 @@ BENCHMARKS = {
     "medmcqa": "MedMCQA",
     "pubmedqa": "PubMedQA",
     "medbullets": "Medbullets",
-    "mimic_cxr": "MIMIC-CXR (report)",
+    "mimic_cxr_findings": "MIMIC-CXR findings",
+    "mimic_cxr_impression": "MIMIC-CXR impression",
+    "iu_xray_findings": "IU-Xray findings",
+    "iu_xray_impression": "IU-Xray impression",
+    "chexpert_plus_findings": "CheXpert Plus findings",
+    "chexpert_plus_impression": "CheXpert Plus impression",
 }
 
 # MedGPT-oss-20B in the paper (accuracy %); benchmarks without a number there show "-"
@@ -75,6 +102,11 @@ PAPER_RESULTS = {
     "medxpertqa_text": 25.38,
     "medbullets": 68.71,
 }
+# MIMIC-CXR report generation with multi-view and longitudinal inputs (0-1 scale); the paper's table gives these
+# three for report generation, which this harness reports on the findings task
+PAPER_REPORT = {"mimic_cxr_findings": {"radgraph_f1": 0.189, "ratescore": 0.522, "inv_radcliq_v1": 0.803}}
+# in-context learning on impression generation, 0-shot and 1-shot (%, as the paper gives them)
+PAPER_SHOTS = {"mimic_cxr_impression": {0: 47.22, 1: 55.60}}
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading evaluation items
@@ -136,7 +168,25 @@ def check_item(item, where):
     if not all(isinstance(p, str) for p in images):
         raise ItemError(f"{where}: images must be a list of paths (strings), found {images!r}")
     item["images"] = images
+    if qtype == "report" and item.get("task") is not None:
+        check_report_fields(item, where)
     return item
+
+
+def check_report_fields(item, where):
+    """A report item of a task: `task`, `views` (one per image) and `prior` (null or the linked prior study)."""
+    if item["task"] not in TASKS:
+        raise ItemError(f"{where}: task {item['task']!r} is not one of {', '.join(TASKS)}")
+    views = item.get("views")
+    if not isinstance(views, list) or len(views) != len(item["images"]):
+        raise ItemError(f"{where}: views must list one view per image ({len(item['images'])}), found {views!r}")
+    prior = item.get("prior")
+    if prior is not None:
+        if not isinstance(prior, dict) or not all(k in prior for k in ("images", "views", "report")):
+            raise ItemError(f"{where}: prior must be null or {{\"study\", \"images\", \"views\", \"report\"}}, "
+                            f"found {prior!r:.80}")
+        if len(prior["views"]) != len(prior["images"]):
+            raise ItemError(f"{where}: the prior study's views and images differ in number")
 
 
 def load_items(data_dir, bench, limit=None):
@@ -153,18 +203,42 @@ def load_items(data_dir, bench, limit=None):
         if item["id"] in seen:
             raise ItemError(f"{where}: duplicate id {item['id']!r}; ids must be unique within a benchmark")
         seen.add(item["id"])
-        absolute = []
-        for rel in item["images"]:
-            image_path = (path.parent / rel).resolve()
-            if not image_path.is_file():
-                raise ItemError(f"{where}: image {rel!r} not found (looked for {image_path}); "
-                                "image paths are relative to the test.jsonl file")
-            absolute.append(str(image_path))
-        item["image_paths"] = absolute
+        item["image_paths"] = resolve_images(item["images"], path.parent, where)
+        if item.get("prior"):
+            item["prior"]["image_paths"] = resolve_images(item["prior"]["images"], path.parent, where)
         items.append(item)
         if limit is not None and len(items) >= limit:
             break
     return items
+
+
+def resolve_images(images, folder, where):
+    """Absolute paths of images given relative to `folder`; a missing one raises naming `where`."""
+    absolute = []
+    for rel in images:
+        image_path = (Path(folder) / rel).resolve()
+        if not image_path.is_file():
+            raise ItemError(f"{where}: image {rel!r} not found (looked for {image_path}); "
+                            f"image paths are relative to {folder}")
+        absolute.append(str(image_path))
+    return absolute
+
+
+def apply_report_context(item, max_views=TRAIN_MAX_VIEWS, with_prior=False):
+    """A report item of a task, in place: its first `max_views` views, the linked prior study (its first
+    `max_views` views and its report) when `with_prior`, and the task's prompt in `question`.
+    Images go in prompt order: the prior study's, then the current study's. Other items are left as they are."""
+    if item["question_type"] != "report" or item.get("task") is None:
+        return item
+    views, paths = item["views"][:max_views], item["image_paths"][:max_views]
+    prior = item.get("prior") if with_prior else None
+    prior_views = prior["views"][:max_views] if prior else []
+    prior_images = prior["images"][:max_views] if prior else []
+    prior_paths = prior["image_paths"][:max_views] if prior else []
+    item["question"] = report_prompt(item["task"], views, prior_views or None, prior["report"] if prior else None)
+    item["images"] = prior_images + item["images"][:max_views]
+    item["image_paths"] = prior_paths + paths
+    return item
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,146 +438,154 @@ def score_item(item, prediction, lenient=False):
         if qtype == "open":
             fields["token_recall"], fields["token_f1"] = token_recall_f1(prediction, answer)
         return fields
-    _, _, rouge_f = rouge_l(answer, prediction)
+    _, _, rouge_f = report_metrics.rouge_l(answer, prediction)
     return {"correct": None, "rouge_l": rouge_f}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Report metrics: BLEU as sacrebleu computes corpus BLEU (13a tokens, exp smoothing), ROUGE-L as rouge-score
+# In-context shots: exemplars from a named pool, chosen per item by a stated deterministic rule
 
-_BLEU_13A_RULES = [
-    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),   # punctuation and symbols become tokens
-    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),                 # period and comma, unless after a digit
-    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),                 # ... or unless before a digit
-    (re.compile(r"([0-9])(-)"), r"\1 \2 "),                      # dash after a digit
-]
+SHOT_RULES = ("random", "nearest")
+THUMBNAIL = 32   # 'nearest': cosine of the mean 32 x 32 grey thumbnail of an item's images (each mean-centred)
 
 
-def tokenize_13a(line):
-    """mteval-v13a tokenization (sacrebleu's default): what BLEU counts n-grams over."""
-    line = line.rstrip().replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = f" {line} "
-    for pattern, replacement in _BLEU_13A_RULES:
-        line = pattern.sub(replacement, line)
-    return line.split()
+def pool_hashes(path):
+    """{image path relative to the pool file: sha256} from a hashes.jsonl beside it (data/convert.py writes one)."""
+    hashes_file = Path(path).parent / "hashes.jsonl"
+    if not hashes_file.is_file():
+        return {}
+    return {row["ref"]: row["sha256"] for _, row in read_jsonl(hashes_file) if row.get("kind") == "image"}
 
 
-def _ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def pool_exemplar(record, folder, where, max_views, with_prior):
+    """One exemplar {id, prompt, answer, images, task, question_type} of an eval item or a stage-3 conversation."""
+    if "conversations" in record:
+        turns = record["conversations"] if isinstance(record["conversations"], list) else []
+        prompt = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        answer = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise ItemError(f"{where}: a pool conversation needs a human turn and a gpt turn (strings)")
+        images = record.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        task = record.get("task")
+        return {"id": str(record.get("id", where)), "prompt": prompt, "answer": answer, "images": images,
+                "image_paths": resolve_images(images, folder, where), "task": task,
+                "question_type": "report" if task else None}
+    item = check_item(dict(record), where)
+    item["image_paths"] = resolve_images(item["images"], folder, where)
+    if item.get("prior"):
+        item["prior"]["image_paths"] = resolve_images(item["prior"]["images"], folder, where)
+    apply_report_context(item, max_views, with_prior)
+    exemplar = {key: item.get(key) for key in ("id", "answer", "images", "image_paths", "task", "question_type")}
+    exemplar["prompt"], exemplar["id"] = build_prompt(item), str(item["id"])
+    if item.get("image_sha256") and len(item["image_sha256"]) == len(item["images"]):
+        exemplar["image_sha256"] = list(item["image_sha256"])
+    return exemplar
 
 
-def corpus_bleu(hypotheses, references, max_order=4, lowercase=False):
-    """Corpus BLEU-`max_order` in 0..100 over (hypothesis, single reference) pairs, equal to sacrebleu's
-    `BLEU(max_ngram_order=max_order, lowercase=lowercase).corpus_score(hyps, [refs]).score`."""
-    matches, totals = [0] * max_order, [0] * max_order
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        if lowercase:
-            hyp, ref = hyp.lower(), ref.lower()
-        hyp_tokens, ref_tokens = tokenize_13a(hyp), tokenize_13a(ref)
-        hyp_len, ref_len = hyp_len + len(hyp_tokens), ref_len + len(ref_tokens)
-        for n in range(1, max_order + 1):
-            hyp_ngrams, ref_ngrams = _ngrams(hyp_tokens, n), _ngrams(ref_tokens, n)
-            matches[n - 1] += sum((hyp_ngrams & ref_ngrams).values())   # clipped counts
-            totals[n - 1] += max(len(hyp_tokens) - n + 1, 0)
-    if not any(matches):
-        return 0.0
-    brevity = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
-    log_precisions, zero_match_smoothing = [], 1.0
-    for n in range(max_order):
-        if totals[n] == 0:   # no n-grams this long at all: sacrebleu stops and leaves the rest at zero
-            log_precisions += [-9999999999.0] * (max_order - n)
+def load_shot_pool(paths, max_views=TRAIN_MAX_VIEWS, with_prior=False):
+    """Exemplars of the pool files (train-split eval items or stage-3 conversations); image paths relative to
+    each file. Report exemplars in the eval format get the same --max_views / --prior context as the items."""
+    pool = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"--shot_pool {path}: no such file (a train-split test.jsonl-format file, or "
+                                    "a stage-3 train.jsonl such as data.convert mimic-cxr-instruct writes)")
+        known = pool_hashes(path)
+        for lineno, record in read_jsonl(path):
+            exemplar = pool_exemplar(record, path.parent, f"{path}:{lineno}", max_views, with_prior)
+            if "image_sha256" not in exemplar and all(rel in known for rel in exemplar["images"]):
+                exemplar["image_sha256"] = [known[rel] for rel in exemplar["images"]]
+            pool.append(exemplar)
+    if not pool:
+        raise ItemError(f"--shot_pool {', '.join(map(str, paths))}: no exemplars")
+    return pool
+
+
+def test_image_hashes(items):
+    """sha256 of every image of the test items (the prior study's too): no exemplar may share one."""
+    hashes = set()
+    for item in items:
+        hashes.update(item.get("image_sha256") or [sha256_file(p) for p in item["image_paths"]])
+        if item.get("prior"):
+            hashes.update(item["prior"].get("image_sha256") or [sha256_file(p) for p in item["prior"]["image_paths"]])
+    return hashes
+
+
+def shares_test_image(exemplar, test_hashes):
+    if "image_sha256" not in exemplar:   # hashed when first considered, not the whole pool up front
+        exemplar["image_sha256"] = [sha256_file(p) for p in exemplar["image_paths"]]
+    return bool(set(exemplar["image_sha256"]) & test_hashes)
+
+
+@functools.lru_cache(maxsize=None)
+def thumbnail(path):
+    """A (THUMBNAIL**2,) grey thumbnail, centred on its mean."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.BICUBIC), dtype=np.float64)
+    pixels = pixels.reshape(-1)   # (THUMBNAIL * THUMBNAIL,)
+    return pixels - pixels.mean()
+
+
+def image_signature(paths):
+    """The unit-length mean thumbnail of some images (zeros without images)."""
+    if not paths:
+        return np.zeros(THUMBNAIL * THUMBNAIL)
+    mean = np.mean([thumbnail(p) for p in paths], axis=0)
+    norm = np.linalg.norm(mean)
+    return mean / norm if norm > 0 else mean
+
+
+def pick_shots(item, pool, k, rule, seed, test_hashes):
+    """k exemplars for `item`: of its task (report items) or question type, none sharing an image with the test
+    set. 'random': a shuffle seeded by (seed, benchmark, id), so a run's choice depends on nothing else;
+    'nearest': highest image_signature cosine, ties by id (text-only items fall back to 'random')."""
+    if item.get("task"):
+        candidates = [e for e in pool if e["task"] == item["task"]]
+    else:
+        candidates = [e for e in pool if e["question_type"] in (None, item["question_type"])]
+    candidates.sort(key=lambda e: e["id"])
+    if rule == "nearest" and item["image_paths"]:
+        target = image_signature(item["image_paths"])
+        candidates.sort(key=lambda e: -float(image_signature(e["image_paths"]) @ target))   # stable: ties by id
+    else:
+        random.Random(f"{seed}:{item['benchmark']}:{item['id']}").shuffle(candidates)
+    chosen = []
+    for exemplar in candidates:
+        if len(chosen) == k:
             break
-        if matches[n] == 0:  # 'exp' smoothing (mteval-v13a): 1 / (2^k * total) for the k-th empty order
-            zero_match_smoothing *= 2
-            log_precisions.append(math.log(100.0 / (zero_match_smoothing * totals[n])))
-        else:
-            log_precisions.append(math.log(100.0 * matches[n] / totals[n]))
-    return brevity * math.exp(sum(log_precisions) / max_order)
+        if not shares_test_image(exemplar, test_hashes):
+            chosen.append(exemplar)
+    if len(chosen) < k:
+        kind = f"task {item['task']!r}" if item.get("task") else f"question type {item['question_type']!r}"
+        raise ItemError(f"item {item['id']!r}: the shot pool has only {len(chosen)} exemplar(s) of {kind} that "
+                        f"share no image with the test set; {k} are needed")
+    return chosen
 
 
-def rouge_tokens(text):
-    """rouge-score's default tokenizer: lower case, runs of [a-z0-9] (no stemming)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def rouge_l(reference, prediction):
-    """(precision, recall, F) of the longest common token subsequence, as rouge_score's 'rougeL'."""
-    ref, pred = rouge_tokens(reference), rouge_tokens(prediction)
-    if not ref or not pred:
-        return 0.0, 0.0, 0.0
-    previous = [0] * (len(pred) + 1)   # one row of the LCS table at a time
-    for ref_token in ref:
-        current = [0]
-        for j, pred_token in enumerate(pred, 1):
-            current.append(previous[j - 1] + 1 if ref_token == pred_token else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-    return precision, recall, f
-
-
-# Clinical report metrics need their own packages and model weights; run them only when both are present,
-# and offline: the environment variable names a local directory, nothing is downloaded.
-CLINICAL_METRICS = {   # name -> (python package, environment variable naming the local weights)
-    "radgraph_f1": ("radgraph", "MEDGPT_RADGRAPH_HF_HOME"),      # a Hugging Face cache holding RadGraph's model
-    "ratescore": ("RaTEScore", "MEDGPT_RATESCORE_HF_HOME"),      # a Hugging Face cache holding RaTEScore's models
-    "green": ("green_score", "MEDGPT_GREEN_MODEL"),              # a GREEN model directory (GREEN-radllama2-7b)
-}
-
-
-def clinical_metrics(hypotheses, references):
-    """{name: value or 'skipped: why'} for RadGraph-F1, RaTEScore and GREEN."""
-    import importlib.util
-    results = {}
-    for name, (package, weights_env) in CLINICAL_METRICS.items():
-        weights = os.environ.get(weights_env)
-        if importlib.util.find_spec(package) is None:
-            results[name] = f"skipped: package {package!r} is not installed"
-        elif not weights or not Path(weights).is_dir():
-            results[name] = f"skipped: set {weights_env} to a local directory holding its weights"
-        else:
-            results[name] = _run_clinical_metric(name, hypotheses, references, weights)
-    return results
-
-
-def _run_clinical_metric(name, hypotheses, references, weights):
-    """Call an installed clinical metric on local weights, offline; a failure becomes a 'skipped' note.
-    (These packages are not installed where this harness is tested: the calls follow their READMEs.)"""
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")   # never download a model
-    try:
-        if name == "radgraph_f1":
-            os.environ["HF_HOME"] = weights
-            from radgraph import F1RadGraph
-            return float(F1RadGraph(reward_level="partial")(hyps=hypotheses, refs=references)[0]) * 100
-        if name == "ratescore":
-            os.environ["HF_HOME"] = weights
-            from RaTEScore import RaTEScore
-            return float(np.mean(RaTEScore().compute_score(hypotheses, references))) * 100
-        import tempfile
-        from green_score import GREEN
-        with tempfile.TemporaryDirectory() as scratch:
-            mean, *_ = GREEN(weights, output_dir=scratch)(references, hypotheses)
-        return float(mean) * 100
-    except Exception as e:  # a third-party metric must not lose a finished run
-        return f"skipped: {name} failed ({type(e).__name__}: {e})"
+def with_shots(items, shot_counts, pool, rule, seed):
+    """One work unit per (item, shot count): a copy of the item with `n_shots` and its `shot_examples`."""
+    test_hashes = test_image_hashes(items) if pool else set()
+    units = []
+    for k in shot_counts:
+        for item in items:
+            shots = pick_shots(item, pool, k, rule, seed, test_hashes) if k else []
+            units.append({**item, "n_shots": k, "shot_examples": shots})
+    return units
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Summaries: accuracy with bootstrap intervals, report metrics, the markdown table
 
 
-def bootstrap_ci(values, n_resamples=1000, seed=0):
-    """95% percentile interval of the mean of `values` (0/1 or scores) over resampled items, in %."""
+def bootstrap_ci(values, n_resamples=1000, seed=0, scale=100):
+    """95% percentile interval of the mean of `values` (0/1 or scores) over resampled items, times `scale`."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return None
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(values), size=(n_resamples, len(values)))   # (resamples, items)
-    means = values[picks].mean(axis=1) * 100
+    means = values[picks].mean(axis=1) * scale
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -511,17 +593,22 @@ def _percent(values):
     return float(np.mean(values) * 100) if len(values) else None
 
 
-def summarize(records, with_clinical=True):
-    """results.json's content: per benchmark, accuracy (%) with its 95% interval, per question type, and
-    report metrics; `lenient_accuracy` when the records were scored with --lenient."""
-    by_bench = {}
+def result_key(bench, shots):
+    """results.json's key: the benchmark's name for 0-shot, 'name/k-shot' otherwise."""
+    return bench if not shots else f"{bench}/{shots}-shot"
+
+
+def summarize(records, metric_paths=None):
+    """results.json's content: per benchmark and shot count, accuracy (%) with its 95% interval, per question
+    type, and report metrics (0-1); `lenient_accuracy` when the records were scored with --lenient."""
+    groups = {}
     for record in records:
-        by_bench.setdefault(record["benchmark"], []).append(record)
+        groups.setdefault((record["benchmark"], record.get("shots", 0)), []).append(record)
     results = {}
-    for bench, recs in by_bench.items():
+    for (bench, shots), recs in groups.items():
         scored = [r for r in recs if r["question_type"] != "report"]
         correct = [float(r["correct"]) for r in scored]
-        entry = {"name": BENCHMARKS.get(bench, bench), "n": len(recs),
+        entry = {"name": BENCHMARKS.get(bench, bench), "benchmark": bench, "shots": shots, "n": len(recs),
                  "accuracy": _percent(correct), "ci95": bootstrap_ci(correct), "by_type": {}}
         for qtype in QUESTION_TYPES[:4]:
             typed = [float(r["correct"]) for r in scored if r["question_type"] == qtype]
@@ -538,39 +625,99 @@ def summarize(records, with_clinical=True):
         reports = [r for r in recs if r["question_type"] == "report"]
         if reports:
             hyps, refs = [r["prediction"] for r in reports], [r["answer"] for r in reports]
-            rouge = [r["rouge_l"] for r in reports]
-            entry["report"] = {f"bleu{n}": corpus_bleu(hyps, refs, max_order=n) for n in range(1, 5)}
-            entry["report"]["rouge_l"], entry["report"]["rouge_l_ci95"] = _percent(rouge), bootstrap_ci(rouge)
-            if with_clinical:
-                entry["report"].update(clinical_metrics(hyps, refs))
-        results[bench] = entry
+            entry["report"] = report_metrics.report_metrics(hyps, refs, metric_paths)
+            entry["report"]["rouge_l_ci95"] = bootstrap_ci([r["rouge_l"] for r in reports], scale=1)
+        results[result_key(bench, shots)] = entry
     return results
 
 
 def _fmt(value, digits=2):
+    if isinstance(value, str):   # 'not computed: ...'
+        return "n/c"
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown_table(results, model_name="this model"):
-    """Our numbers beside the paper's MedGPT-oss-20B, one row per benchmark (reports show ROUGE-L / BLEU-4)."""
+    """Our numbers beside the paper's MedGPT-oss-20B, one row per benchmark and shot count (reports show ROUGE-L
+    and BLEU-4 here), then the report metrics table and the 0-shot / k-shot table when there are any."""
     lenient = any("lenient_accuracy" in e for e in results.values())
-    header = ["benchmark", "n", f"{model_name} (strict)", "95% CI"] + (["lenient"] if lenient else [])
+    header = ["benchmark", "shots", "n", f"{model_name} (strict)", "95% CI"] + (["lenient"] if lenient else [])
     header.append("MedGPT-oss-20B (paper)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for bench, entry in results.items():
+    lines = [_row(header), "|" + "---|" * len(header)]
+    for entry in results.values():
         if entry["accuracy"] is not None:
             ours = _fmt(entry["accuracy"])
             ci = "-" if entry["ci95"] is None else f"{entry['ci95'][0]:.1f}–{entry['ci95'][1]:.1f}"
         else:
             report = entry["report"]
-            ours = f"ROUGE-L {report['rouge_l']:.2f}, BLEU-4 {report['bleu4']:.2f}"
+            ours = f"ROUGE-L {report['rouge_l']:.3f}, BLEU-4 {report['bleu4']:.3f}"
             lo, hi = report["rouge_l_ci95"]
-            ci = f"{lo:.1f}–{hi:.1f}"
-        row = [entry["name"], str(entry["n"]), ours, ci]
+            ci = f"{lo:.3f}–{hi:.3f}"
+        row = [entry["name"], str(entry["shots"]), str(entry["n"]), ours, ci]
         if lenient:
             row.append(_fmt(entry.get("lenient_accuracy")))
-        row.append(_fmt(PAPER_RESULTS.get(bench)))
-        lines.append("| " + " | ".join(row) + " |")
+        row.append(_fmt(PAPER_RESULTS.get(entry["benchmark"])) if not entry["shots"] else "-")
+        lines.append(_row(row))
+    text = "\n".join(lines) + "\n"
+    if any("report" in e for e in results.values()):
+        text += "\n" + report_table(results)
+    if any(e["shots"] for e in results.values()):
+        text += "\n" + shots_table(results)
+    return text
+
+
+REPORT_COLUMNS = [("BLEU-1", "bleu1"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rouge_l"), ("BERTScore", "bertscore"),
+                  ("s_emb", "semb"), ("RadGraph-F1", "radgraph_f1"), ("RaTEScore", "ratescore"),
+                  ("RadCliQ-v1", "radcliq_v1"), ("1/RadCliQ-v1", "inv_radcliq_v1")]
+
+
+def report_table(results):
+    """Every report metric (0-1), one row per report benchmark and shot count, the paper's row beside; 'n/c' =
+    not computed, with the reasons listed under the table."""
+    header = ["benchmark", "shots", "n"] + [name for name, _ in REPORT_COLUMNS]
+    lines, reasons = [_row(header), "|" + "---|" * len(header)], {}
+    for entry in results.values():
+        if "report" not in entry:
+            continue
+        report = entry["report"]
+        lines.append(_row([entry["name"], str(entry["shots"]), str(entry["n"])]
+                          + [_fmt(report.get(key), 3) for _, key in REPORT_COLUMNS]))
+        reasons.update({name: report[key] for name, key in REPORT_COLUMNS if isinstance(report.get(key), str)})
+        paper = PAPER_REPORT.get(entry["benchmark"])
+        if paper and not entry["shots"]:
+            lines.append(_row([f"{entry['name']} (MedGPT-oss-20B, paper)", "0", "-"]
+                              + [_fmt(paper.get(key), 3) for _, key in REPORT_COLUMNS]))
+    notes = "".join(f"\n- {name}: {reason}" for name, reason in reasons.items())
+    return "\n".join(lines) + "\n" + (f"\nn/c:{notes}\n" if notes else "")
+
+
+def shots_table(results):
+    """0-shot and k-shot side by side per benchmark (accuracy %, or report metrics 0-1), the paper's in-context
+    numbers beside them (impression generation: 0-shot 47.22% -> 1-shot 55.60%)."""
+    by_bench = {}
+    for entry in results.values():
+        by_bench.setdefault(entry["benchmark"], {})[entry["shots"]] = entry
+    counts = sorted({e["shots"] for e in results.values()})
+    header = ["benchmark", "metric"] + [f"{k}-shot" for k in counts] + ["paper 0-shot", "paper 1-shot"]
+    lines = [_row(header), "|" + "---|" * len(header)]
+    for bench, entries in by_bench.items():
+        first = next(iter(entries.values()))
+        if "report" in first:
+            metrics = [("ROUGE-L", "rouge_l"), ("RadGraph-F1", "radgraph_f1"), ("RaTEScore", "ratescore"),
+                       ("1/RadCliQ-v1", "inv_radcliq_v1")]
+            values = [[entries[k]["report"].get(key) if k in entries else None for k in counts]
+                      for _, key in metrics]
+        else:
+            metrics = [("accuracy %", None)]
+            values = [[entries[k]["accuracy"] if k in entries else None for k in counts]]
+        paper = PAPER_SHOTS.get(bench, {})
+        for i, ((name, _), row) in enumerate(zip(metrics, values)):
+            papers = [_fmt(paper.get(0)), _fmt(paper.get(1))] if i == 0 else ["", ""]
+            lines.append(_row([first["name"] if i == 0 else "", name] + [_fmt(v, 3) for v in row] + papers))
     return "\n".join(lines) + "\n"
 
 
@@ -589,7 +736,6 @@ def sha256_file(path):
 def load_training_hashes(paths):
     """(image hashes, question hashes) of the training data: hashes.jsonl files, or directories searched for them
     (lines `{"kind": "image" | "text", "sha256": ..., "ref": ...}`, written by data/convert.py and data/demo.py)."""
-    from data.convert import load_hashes
     for path in map(Path, paths):
         if not path.exists() or (path.is_dir() and not any(path.rglob("hashes.jsonl"))):
             raise FileNotFoundError(f"--train_hashes {path}: no hashes.jsonl there (data/convert.py writes one "
@@ -601,7 +747,6 @@ def load_training_hashes(paths):
 def overlap_warnings(items, train_images, train_questions):
     """One line per benchmark whose items share an image or question hash with the training record
     (hashes the item lacks are computed as the converters compute them)."""
-    from data.convert import text_sha256
     counts = {}
     for item in items:
         image_hashes = item.get("image_sha256") or [sha256_file(p) for p in item["image_paths"]]
@@ -626,11 +771,21 @@ RECORD_FIELDS = ("id", "benchmark", "question_type", "question", "options", "ans
 
 
 def make_record(item, prediction, lenient=False):
-    """One line of items.jsonl: the item's fields, the prediction, and its score."""
+    """One line of items.jsonl: the item's fields, the prediction, its score, the shots it was given."""
     record = {key: item.get(key) for key in RECORD_FIELDS[:-1]}
     record["prediction"] = prediction
     record.update(score_item(item, prediction, lenient))
+    if item.get("task"):
+        record["task"] = item["task"]
+    record["shots"] = item.get("n_shots", item.get("shots", 0))
+    record["shot_ids"] = [e["id"] for e in item["shot_examples"]] if "shot_examples" in item else \
+        item.get("shot_ids", [])
     return record
+
+
+def record_key(record):
+    """What identifies a prediction: benchmark, id and shot count."""
+    return record["benchmark"], record["id"], record.get("shots", record.get("n_shots", 0))
 
 
 def rescore_records(records, lenient=False):
@@ -641,7 +796,7 @@ def rescore_records(records, lenient=False):
         if missing:
             raise ItemError(f"record {n} (id {record.get('id')!r}): missing {missing}; "
                             f"--rescore needs the fields {', '.join(RECORD_FIELDS)}")
-        item = check_item(dict(record), f"record {n} (id {record['id']!r})")
+        item = check_item({k: v for k, v in record.items() if k != "task"}, f"record {n} (id {record['id']!r})")
         rescored.append(make_record(item, record["prediction"], lenient))
     return rescored
 
@@ -655,7 +810,7 @@ def write_jsonl(path, records):
 
 
 def read_progress(out_dir):
-    """{(benchmark, id): record} from a previous run's items.jsonl and progress files (a torn last line,
+    """{(benchmark, id, shots): record} from a previous run's items.jsonl and progress files (a torn last line,
     from a run killed mid-write, is dropped)."""
     out_dir = Path(out_dir)
     files = [out_dir / "items.jsonl"] + sorted((out_dir / "progress").glob("rank*.jsonl"))
@@ -669,7 +824,7 @@ def read_progress(out_dir):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                done[(record["benchmark"], record["id"])] = record
+                done[record_key(record)] = record
     return done
 
 
@@ -684,10 +839,10 @@ def check_run_settings(out_dir, settings):
                              "use a new --out_dir, or delete it to start over")
 
 
-def write_outputs(out_dir, records, warnings=(), model_name="this model"):
+def write_outputs(out_dir, records, warnings=(), model_name="this model", metric_paths=None):
     """items.jsonl, results.json and results.md; returns (results, markdown table)."""
     out_dir = Path(out_dir)
-    results = summarize(records)
+    results = summarize(records, metric_paths)
     write_jsonl(out_dir / "items.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps({"benchmarks": results, "warnings": list(warnings)},
                                                      indent=2) + "\n")
@@ -703,8 +858,6 @@ def write_outputs(out_dir, records, warnings=(), model_name="this model"):
 
 def load_model(path, dtype, device):
     """(model, is_multimodal): MedGPT for a LLaVA-format directory, GPT for a gpt-oss one."""
-    import torch
-    import model as modeling
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"--model {path}: no config.json; expected a LLaVA-format MedGPT directory "
@@ -729,15 +882,18 @@ def load_tokenizer_for(model_dir):
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path):
     """Loaded once per process (seconds for o200k's 200k-token vocabulary)."""
-    from data.tokenizer import load_tokenizer
     return load_tokenizer(path)
+
+
+def prompt_image_paths(item):
+    """Every image of an item's prompt, in order: the shots' images, then the item's own."""
+    return [p for exemplar in item.get("shot_examples", ()) for p in exemplar["image_paths"]] + item["image_paths"]
 
 
 class Encoder:
     """Turns items into prompt ids and image tiles for one model: harmony rendering, image-token runs."""
 
     def __init__(self, tok, model=None, is_multimodal=False, max_tiles=1, reasoning=False, system_prompt=None):
-        from data.tokenizer import CHANNEL, MESSAGE, encode_ordinary
         self.tok, self.is_multimodal, self.max_tiles, self.reasoning = tok, is_multimodal, max_tiles, reasoning
         # the same optional system message the stage-3 data was rendered with (data.datasets' system_prompt)
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -750,36 +906,40 @@ class Encoder:
             self.image_size = model.vision_tower.config.image_size
 
     def image_token_counts(self, item):
-        """Image tokens each of the item's images gets (tiles x tokens per tile), read from the image headers."""
-        from PIL import Image
-        import vision
+        """Image tokens each image of the prompt gets (tiles x tokens per tile), read from the image headers."""
         counts = []
-        for path in item["image_paths"]:
+        for path in prompt_image_paths(item):
             with Image.open(path) as image:   # the header only: size without decoding pixels
                 width, height = image.size
             counts.append(vision.num_tiles(width, height, self.max_tiles, self.image_size) * self.tokens_per_tile)
         return counts
 
+    def messages(self, item):
+        """The conversation: system message, each shot as an earlier user turn and assistant answer, the question."""
+        shots = []
+        for exemplar in item.get("shot_examples", ()):
+            shots += [{"role": "user", "content": exemplar["prompt"]},
+                      {"role": "assistant", "content": exemplar["answer"]}]
+        return self.system + shots + [{"role": "user", "content": build_prompt(item)}]
+
     def prompt_ids(self, item):
-        from data.harmony import render_generation_prompt
-        if item["images"] and not self.is_multimodal:
+        paths = prompt_image_paths(item)
+        if paths and not self.is_multimodal:
             raise ValueError(f"item {item['id']!r} of {item['benchmark']}: has images but the model is text-only "
                              "(gpt_oss); evaluate a MedGPT (LLaVA-format) checkpoint, or a text-only benchmark")
-        messages = self.system + [{"role": "user", "content": build_prompt(item)}]
-        if not item["images"]:
-            return render_generation_prompt(self.tok, messages).ids + self.final_header
-        rendered = render_generation_prompt(self.tok, messages, self.image_token_counts(item), self.image_token_id)
+        if not paths:
+            return render_generation_prompt(self.tok, self.messages(item)).ids + self.final_header
+        rendered = render_generation_prompt(self.tok, self.messages(item), self.image_token_counts(item),
+                                            self.image_token_id)
         return rendered.ids + self.final_header
 
     def pixel_values(self, item):
-        """(n_tiles, 3, S, S) for all of the item's images, in prompt order; None without images."""
-        import torch
-        from PIL import Image
-        import vision
-        if not item["images"]:
+        """(n_tiles, 3, S, S) for all images of the prompt, in prompt order; None without images."""
+        paths = prompt_image_paths(item)
+        if not paths:
             return None
         tiles = []
-        for path in item["image_paths"]:
+        for path in paths:
             with Image.open(path) as image:
                 tiles.append(vision.image_to_tiles(image, self.max_tiles, self.image_size))
         return torch.cat(tiles)   # (sum of tiles, 3, S, S)
@@ -792,7 +952,6 @@ def final_channel_text(tok, new_ids, reasoning=False):
     With reasoning the model writes `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final
     <|message|>...<|return|>`; the answer is the last final-channel message ("" if it never wrote one).
     """
-    from data.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, decode
     ids = list(new_ids)
     if not reasoning:
         cut = next((i for i, t in enumerate(ids) if t in (RETURN, END, CALL)), len(ids))
@@ -818,8 +977,6 @@ def final_channel_text(tok, new_ids, reasoning=False):
 
 def generate_batch(model, is_multimodal, prompts, pixel_values, max_new_tokens, reasoning=False):
     """Greedy continuations of left-padded prompts -> list of generated id lists (stop tokens included)."""
-    import torch
-    from data.tokenizer import CALL, END, ENDOFTEXT, RETURN
     device = next(model.parameters()).device
     lens = [len(p) for p in prompts]
     T = max(lens)
@@ -866,8 +1023,6 @@ def all_gather_json(obj, world, device="cpu"):
     """Every rank's JSON-serialisable `obj`, in rank order (bytes through all_gather: no pickle)."""
     if world == 1:
         return [obj]
-    import torch
-    import torch.distributed as dist
     payload = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
     size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -908,6 +1063,19 @@ def parse_args(argv=None):
                    help="also score multiple choice with MedEvalKit's closest-option fallback (reported apart)")
     p.add_argument("--train_hashes", default=None,
                    help="comma-separated hashes.jsonl files or directories of the training data: warn on overlap")
+    p.add_argument("--max_views", type=int, default=TRAIN_MAX_VIEWS,
+                   help="report items of a task: the study's first N views (frontal first), the prior's too")
+    p.add_argument("--prior", action="store_true",
+                   help="report items of a task: give the linked prior study (its images and report) as context")
+    p.add_argument("--shots", default="0",
+                   help="in-context exemplars per item; a comma list (0,1) runs each and tables them side by side")
+    p.add_argument("--shot_pool", default=None,
+                   help="comma-separated pool files (train-split eval items, or stage-3 train.jsonl conversations)")
+    p.add_argument("--shot_rule", choices=SHOT_RULES, default="random",
+                   help="random: seeded per item; nearest: most similar images (mean thumbnail cosine)")
+    p.add_argument("--shot_seed", type=int, default=0, help="seed of the 'random' shot rule")
+    for metric, (env, holds) in report_metrics.MODEL_PATHS.items():
+        p.add_argument(f"--{metric}_model", default=None, help=f"{holds} (default: ${env})")
     p.add_argument("--rescore", metavar="IN.jsonl", help="recompute `correct` for saved predictions")
     p.add_argument("--out", metavar="OUT.jsonl", help="with --rescore: where the rescored items go")
     args = p.parse_args(argv)
@@ -920,6 +1088,17 @@ def parse_args(argv=None):
             p.error(f"missing {', '.join(missing)}")
         if args.batch_size < 1:
             p.error("--batch_size must be at least 1")
+        if args.max_views < 1:
+            p.error("--max_views must be at least 1")
+    try:
+        args.shots = sorted({int(k) for k in args.shots.split(",")})
+    except ValueError:
+        p.error(f"--shots {args.shots!r}: expected whole numbers, e.g. 0 or 0,1")
+    if any(k < 0 for k in args.shots):
+        p.error("--shots must be 0 or more")
+    if any(args.shots) and not args.shot_pool and not args.rescore:
+        p.error("--shots above 0 needs --shot_pool (a train-split file to take the exemplars from)")
+    args.metric_paths = {metric: getattr(args, f"{metric}_model") for metric in report_metrics.MODEL_PATHS}
     return args
 
 
@@ -927,7 +1106,7 @@ def rescore_main(args):
     records = [record for _, record in read_jsonl(args.rescore)]
     rescored = rescore_records(records, args.lenient)
     write_jsonl(args.out, rescored)
-    results = summarize(rescored)
+    results = summarize(rescored, args.metric_paths)
     print(json.dumps(results, indent=2))
     print(markdown_table(results))
     return results
@@ -941,14 +1120,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.rescore:
         return rescore_main(args)
-    import torch
-    import zero  # the process group (one process without torchrun)
-    rank, _, world, device = zero.init_distributed()
+    rank, _, world, device = zero.init_distributed()   # the process group (one process without torchrun)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda"
                                                            else torch.float32)
     out_dir = Path(args.out_dir)
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
     items = [item for bench in benches for item in load_items(args.data_dir, bench, args.limit)]
+    for item in items:
+        apply_report_context(item, args.max_views, args.prior)
+    pool = load_shot_pool(args.shot_pool.split(","), args.max_views, args.prior) if any(args.shots) else []
+    units = with_shots(items, args.shots, pool, args.shot_rule, args.shot_seed)
     has_reports = any(item["question_type"] == "report" for item in items)
     max_new_tokens = args.max_new_tokens or (1024 if args.reasoning else 512 if has_reports else 32)
     warnings = []
@@ -957,7 +1138,10 @@ def main(argv=None):
         warnings = overlap_warnings(items, train_images, train_questions)
     settings = {"model": str(Path(args.model).resolve()), "max_new_tokens": max_new_tokens,
                 "max_tiles": args.max_tiles, "reasoning": args.reasoning,
-                "system_prompt": args.system_prompt, "dtype": str(dtype).replace("torch.", "")}
+                "system_prompt": args.system_prompt, "dtype": str(dtype).replace("torch.", ""),
+                "max_views": args.max_views, "prior": args.prior,
+                "shot_pool": [str(Path(p).resolve()) for p in args.shot_pool.split(",")] if pool else None,
+                "shot_rule": args.shot_rule if pool else None, "shot_seed": args.shot_seed if pool else None}
     check_run_settings(out_dir, settings)   # every rank reads; rank 0 writes run.json after the gather below
     (out_dir / "progress").mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -968,10 +1152,11 @@ def main(argv=None):
     done_keys = {tuple(k) for k in all_gather_json(list(done), world, device)[0]}   # rank 0's view for all
     if rank == 0:
         (out_dir / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
-    todo = [item for item in items if (item["benchmark"], item["id"]) not in done_keys]
+    todo = [unit for unit in units if record_key(unit) not in done_keys]
     mine = todo[rank::world]
-    log(f"rank {rank}/{world}: {len(items)} items in {len(benches)} benchmark(s), {len(items) - len(todo)} done "
-        f"before, {len(mine)} to run here (batch {args.batch_size}, max_new_tokens {max_new_tokens})")
+    log(f"rank {rank}/{world}: {len(units)} items x shots in {len(benches)} benchmark(s), "
+        f"{len(units) - len(todo)} done before, {len(mine)} to run here (batch {args.batch_size}, "
+        f"max_new_tokens {max_new_tokens})")
 
     new_records = []
     if mine:
@@ -997,13 +1182,12 @@ def main(argv=None):
         return None
     by_key = dict(done)
     for records in gathered:
-        by_key.update({(r["benchmark"], r["id"]): r for r in records})
+        by_key.update({record_key(r): r for r in records})
     # rescore everything, old records included, so one run's file always follows one version of the rules
-    ordered = [make_record(item, by_key.pop((item["benchmark"], item["id"]))["prediction"], args.lenient)
-               for item in items]
+    ordered = [make_record(unit, by_key.pop(record_key(unit))["prediction"], args.lenient) for unit in units]
     ordered += [r for key, r in by_key.items() if key[0] not in benches]   # earlier runs' other benchmarks stay
     model_name = "/".join(Path(args.model).resolve().parts[-2:])   # "stage3/final", not just "final"
-    results, table = write_outputs(out_dir, ordered, warnings, model_name=model_name)
+    results, table = write_outputs(out_dir, ordered, warnings, model_name, args.metric_paths)
     for file in (out_dir / "progress").glob("rank*.jsonl"):
         file.unlink()
     print(table)

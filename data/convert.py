@@ -34,9 +34,12 @@ import shutil
 import sys
 from collections import Counter
 
-import eval as harness  # the prompt wording of stage-3 VQA conversations (eval imports data.convert lazily)
+import eval as harness  # the prompt wording of stage-3 VQA conversations
 
 from . import pmc
+from .leakage import file_sha256, text_sha256
+from .mimic import (convert_chexpert_plus, convert_iu_xray, convert_mimic_cxr, convert_mimic_cxr_captions,
+                    convert_mimic_cxr_instruct)
 
 
 class LayoutError(ValueError):
@@ -45,36 +48,6 @@ class LayoutError(ValueError):
 
 # -----------------------------------------------------------------------------
 # Hashes (shared with eval.py: it checks eval items against training hashes)
-
-def text_sha256(text):
-    """sha256 of a question or caption after normalisation: lower case, whitespace runs collapsed."""
-    return hashlib.sha256(" ".join(str(text).lower().split()).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_hashes(paths):
-    """{"image": set, "text": set} from one or more hashes.jsonl files (or folders holding them)."""
-    hashes = {"image": set(), "text": set()}
-    for path in [paths] if isinstance(paths, str) else paths:
-        files = glob.glob(os.path.join(path, "**", "hashes.jsonl"), recursive=True) if os.path.isdir(path) else [path]
-        for file in files:
-            for row, _ in read_jsonl(file):
-                hashes[row["kind"]].add(row["sha256"])
-    return hashes
-
-
-def overlap(items, hashes):
-    """Ids of eval items whose question or any image also occurs in the training hashes."""
-    return [item["id"] for item in items
-            if item.get("question_sha256") in hashes["text"] or set(item.get("image_sha256") or []) & hashes["image"]]
-
 
 # -----------------------------------------------------------------------------
 # Reading released files, with errors that name file, line and field
@@ -887,73 +860,6 @@ def convert_medbullets(src, split, w):
 
 
 # -----------------------------------------------------------------------------
-# Report generation
-
-REPORT_SECTION = re.compile(r"^\s*([A-Z][A-Z ,/&()-]{2,40}):", re.M)
-
-
-def report_sections(text):
-    """{SECTION NAME: text} of a free-text radiology report ('FINDINGS:', 'IMPRESSION:', ...)."""
-    marks = list(REPORT_SECTION.finditer(text))
-    return {m.group(1).strip(): " ".join(text[m.end(): marks[i + 1].start() if i + 1 < len(marks) else len(text)].split())
-            for i, m in enumerate(marks)}
-
-
-def convert_mimic_cxr(src, split, w):
-    """MIMIC-CXR (PhysioNet): `mimic-cxr-2.0.0-split.csv[.gz]` (dicom_id, study_id, subject_id, split), optional
-    `mimic-cxr-2.0.0-metadata.csv[.gz]` (ViewPosition: frontal PA/AP images only), reports
-    `files/pNN/pSUBJECT/sSTUDY.txt` (mimic-cxr-reports) and JPGs `files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg`
-    (MIMIC-CXR-JPG). One item per study; the answer is 'Findings: .. Impression: ..' (the sections present)."""
-    split = split or "test"
-    split_rows = read_csv(find_file(src, ["mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv",
-                                          "**/mimic-cxr-2.0.0-split.csv*"], "mimic-cxr-2.0.0-split.csv"))
-    views = {}
-    metadata = glob.glob(os.path.join(src, "**", "mimic-cxr-2.0.0-metadata.csv*"), recursive=True)
-    if metadata:
-        views = {row["dicom_id"]: row.get("ViewPosition", "") for row, _ in read_csv(metadata[0])}
-    studies = {}
-    for row, line in split_rows:
-        where = f"mimic-cxr-2.0.0-split.csv: line {line}"
-        if field(row, "split", where, "train/validate/test") != split:
-            continue
-        key = (field(row, "subject_id", where), field(row, "study_id", where))
-        if not views or views.get(row["dicom_id"]) in ("PA", "AP"):
-            studies.setdefault(key, []).append(field(row, "dicom_id", where))
-        else:
-            studies.setdefault(key, [])
-    report_roots = [p for p in (os.path.join(src, "files"), os.path.join(src, "mimic-cxr-reports", "files")) if os.path.isdir(p)]
-    image_roots = [p for p in (os.path.join(src, "files"), os.path.join(src, "mimic-cxr-jpg", "files")) if os.path.isdir(p)]
-    if not report_roots:
-        raise LayoutError(f"{src}: no files/ folder with reports (files/pNN/pSUBJECT/sSTUDY.txt)")
-    for (subject, study), dicom_ids in sorted(studies.items()):
-        folder = os.path.join(f"p{subject[:2]}", f"p{subject}")
-        report = next((os.path.join(r, folder, f"s{study}.txt") for r in report_roots
-                       if os.path.isfile(os.path.join(r, folder, f"s{study}.txt"))), None)
-        if report is None:
-            w.skip("report file missing")
-            continue
-        with open(report, encoding="utf-8") as f:
-            sections = report_sections(f.read())
-        text = " ".join(f"{name.capitalize()}: {sections[name]}" for name in ("FINDINGS", "IMPRESSION")
-                        if sections.get(name))
-        if not sections.get("FINDINGS") and not sections.get("IMPRESSION"):
-            w.skip("no FINDINGS or IMPRESSION section")  # counted, never printed: report text is patient data
-            continue
-        images = []
-        for dicom_id in dicom_ids:
-            path = next((os.path.join(r, folder, f"s{study}", f"{dicom_id}.jpg") for r in image_roots
-                         if os.path.isfile(os.path.join(r, folder, f"s{study}", f"{dicom_id}.jpg"))),
-                        os.path.join(image_roots[0] if image_roots else src, folder, f"s{study}", f"{dicom_id}.jpg"))
-            images.append((path, f"p{subject}/s{study}/{dicom_id}.jpg"))
-        if not images:
-            w.skip("no frontal image")
-            continue
-        w.emit(f"s{study}", "report", "Write the radiology report (findings and impression) for this chest X-ray.",
-               text, images, where=f"{report}")
-    return split
-
-
-# -----------------------------------------------------------------------------
 # Registry and command line
 
 # name -> (function, output name(s), kind). "eval" converters write <out>/<benchmark>/test.jsonl, or with a
@@ -978,7 +884,12 @@ CONVERTERS = {
     "medmcqa": (convert_medmcqa, "medmcqa", "eval"),
     "pubmedqa": (convert_pubmedqa, "pubmedqa", "eval"),
     "medbullets": (convert_medbullets, "medbullets", "eval"),
-    "mimic-cxr": (convert_mimic_cxr, "mimic_cxr", "eval"),
+    # chest X-ray reports (data/mimic.py): two benchmarks each, findings and impression
+    "mimic-cxr": (convert_mimic_cxr, ("mimic_cxr_findings", "mimic_cxr_impression"), "eval"),
+    "mimic-cxr-instruct": (convert_mimic_cxr_instruct, "mimic_cxr_instruct", "train"),
+    "mimic-cxr-captions": (convert_mimic_cxr_captions, "mimic_cxr_captions", "train"),
+    "iu-xray": (convert_iu_xray, ("iu_xray_findings", "iu_xray_impression"), "eval"),
+    "chexpert-plus": (convert_chexpert_plus, ("chexpert_plus_findings", "chexpert_plus_impression"), "eval"),
 }
 
 

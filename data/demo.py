@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 import eval as harness
-from data.convert import text_sha256  # one normalisation for all training/eval hashes
+from data.leakage import text_sha256  # one normalisation for all training/eval hashes
 
 # -----------------------------------------------------------------------------
 # Answer vocabularies and prompt wording (LLaVA-1.5 style suffixes, one per question type)

@@ -1,7 +1,10 @@
 """
-Keeping evaluation images out of training data: exact and near-duplicate image matching.
+Keeping evaluation data out of training data: the text and file hashes that converters write (hashes.jsonl) and
+eval.py checks, and exact and near-duplicate image matching for data.prepare.
 
 Design choices
+- Text: sha256 of the lower-cased text with whitespace runs collapsed (`text_sha256`), the one normalisation every
+  converter, the demo and eval.py use. Files: sha256 of the bytes (`file_sha256`).
 - Exact: sha256 of the decoded pixels (size, then the RGB bytes), not of the file: the same picture saved as
   PNG or in another container still matches, and metadata edits do not hide it.
 - Near: a 64-bit perceptual hash (pHash, computed as imagehash.phash does: grey, 32x32 Lanczos, 2-D DCT-II,
@@ -15,6 +18,7 @@ Design choices
   path, size and mtime), so a re-run only hashes new files. Near matches are found with one vectorised
   XOR + popcount of each query against all eval hashes (numpy), a few microseconds per 1,000 eval images.
 """
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +30,47 @@ from PIL import Image
 NEAR_THRESHOLD = 8   # bits of 64: re-encoded / resized copies measure 0-4, unrelated scans 20+ (docs/data.md)
 HASH_SIZE = 8        # pHash: 8x8 lowest DCT frequencies
 HIGHFREQ_FACTOR = 4  # of a 32x32 grey image
+
+
+# -----------------------------------------------------------------------------
+# File and text hashes (the converters write them to hashes.jsonl; eval.py --train_hashes reads them back)
+
+
+def text_sha256(text):
+    """sha256 of a question or caption after normalisation: lower case, whitespace runs collapsed."""
+    return hashlib.sha256(" ".join(str(text).lower().split()).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_hashes(paths):
+    """{"image": set, "text": set} from one or more hashes.jsonl files (or folders holding them)."""
+    hashes = {"image": set(), "text": set()}
+    for path in [paths] if isinstance(paths, str) else paths:
+        files = glob.glob(os.path.join(path, "**", "hashes.jsonl"), recursive=True) if os.path.isdir(path) else [path]
+        for file in files:
+            with open(file, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        hashes[row["kind"]].add(row["sha256"])
+    return hashes
+
+
+def overlap(items, hashes):
+    """Ids of eval items whose question or any image also occurs in the training hashes."""
+    return [item["id"] for item in items
+            if item.get("question_sha256") in hashes["text"] or set(item.get("image_sha256") or []) & hashes["image"]]
+
+
+# -----------------------------------------------------------------------------
+# Image hashes
 
 
 def dct_matrix(n):

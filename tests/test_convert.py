@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import convert
+from data import convert, leakage
 from data.convert import LayoutError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -95,7 +95,7 @@ def test_llava_med_alignment_and_hashes(tmp_path):
     assert [r["caption"] for r in rows] == [r["conversations"][1]["value"] for r in released]
     for row, rel in zip(rows, released):
         assert os.path.samefile(folder / row["image"], os.path.join(src, "images", rel["image"]))
-    hashes = convert.load_hashes(str(folder))
+    hashes = leakage.load_hashes(str(folder))
     assert file_sha(os.path.join(src, "images", "PMC100_F1.jpg")) in hashes["image"]
     assert norm_sha("H&E stain of a liver biopsy.") in hashes["text"]
 
@@ -108,7 +108,7 @@ def test_llava_med_instruct_keeps_conversations(tmp_path):
     released = json.load(open(os.path.join(src, "llava_med_instruct_60k_inline_mention.json")))[0]
     assert row["conversations"] == released["conversations"]
     assert os.path.isfile(folder / row["image"])
-    assert norm_sha("Which side is affected?") in convert.load_hashes(str(folder))["text"]
+    assert norm_sha("Which side is affected?") in leakage.load_hashes(str(folder))["text"]
 
 
 def test_missing_image_is_an_error_or_counted(tmp_path):
@@ -274,21 +274,6 @@ def test_medbullets(tmp_path, split, n):
     assert [i["options"][i["answer"]] for i in items] == ["Acetazolamide", "Purkinje fibers"][:n]
 
 
-def test_mimic_cxr_reports(tmp_path):
-    images = ["files/p10/p10000032/s50414267/d1a.jpg", "files/p10/p10000032/s50414267/d1b.jpg",
-              "files/p10/p10000032/s53189527/d2a.jpg", "files/p10/p10000764/s56699142/d3a.jpg"]
-    src = fixture("mimic_cxr", tmp_path, images)
-    convert.convert("mimic-cxr", src, str(tmp_path / "out"))
-    items = check_eval_items(str(tmp_path / "out"), "mimic_cxr")
-    assert [i["id"] for i in items] == ["mimic_cxr-s50414267", "mimic_cxr-s56699142"]  # test split only
-    first, second = items
-    assert first["question_type"] == "report"
-    assert first["answer"] == ("Findings: There is no focal consolidation, pleural effusion or pneumothorax. "
-                               "Bilateral nodular opacities are unchanged. Impression: No acute cardiopulmonary process.")
-    assert first["image_sha256"] == [file_sha(os.path.join(src, images[0]))]  # frontal (PA) only, not the lateral
-    assert second["answer"] == "Impression: No fracture."
-
-
 # ---------------------------------------------------------------------------- errors, CLI, overlap
 
 def test_layout_error_names_file_line_and_field(tmp_path):
@@ -318,11 +303,11 @@ def test_cli_exit_codes(tmp_path, capsys):
 def test_overlap_between_training_hashes_and_eval_items(tmp_path):
     src = fixture("llava_med", tmp_path, ["images/PMC100_F1.jpg", "images/PMC101_F2.jpg"])
     convert.convert("llava-med-instruct", src, str(tmp_path / "out"), skip_missing=True)
-    hashes = convert.load_hashes(str(tmp_path / "out"))
+    hashes = leakage.load_hashes(str(tmp_path / "out"))
     items = [{"id": "a", "question_sha256": norm_sha("which SIDE is   affected?"), "image_sha256": []},
              {"id": "b", "question_sha256": norm_sha("other"), "image_sha256": [file_sha(os.path.join(src, "images/PMC100_F1.jpg"))]},
              {"id": "c", "question_sha256": norm_sha("other"), "image_sha256": [file_sha(os.path.join(src, "images/PMC101_F2.jpg"))]}]
-    assert convert.overlap(items, hashes) == ["a", "b"]
+    assert leakage.overlap(items, hashes) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------- releases as they ship (raw_releases)

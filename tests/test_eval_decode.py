@@ -19,7 +19,7 @@ from test_tokenizer import harmony_enc, ranks_dirs  # noqa: F401  (session fixtu
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 REPO = Path(__file__).resolve().parent.parent
 TEXT_BENCHES = "medqa,medmcqa,pubmedqa,medbullets,medxpertqa_text"
-IMAGE_BENCHES = "slake,mmmu_med,medframeqa,pmc_vqa,medqa,mimic_cxr"   # 1 to 4 images per item, and text-only
+IMAGE_BENCHES = "slake,mmmu_med,medframeqa,pmc_vqa,medqa,mimic_cxr_findings"   # 1 to 4 images per item, and text-only
 
 
 def tiny_text_config():
@@ -112,7 +112,7 @@ def test_batch_size_does_not_change_predictions(image_runs):
     assert [r["id"] for r in one] == [r["id"] for r in eight]
     assert sum(bool(r["prediction"]) for r in one) >= 9   # a random model still says something
     assert json.loads((out / "b1" / "results.json").read_text())["benchmarks"].keys() == \
-        {"slake", "mmmu_med", "medframeqa", "pmc_vqa", "medqa", "mimic_cxr"}
+        {"slake", "mmmu_med", "medframeqa", "pmc_vqa", "medqa", "mimic_cxr_findings"}
 
 
 def greedy_without_cache(model, ids, pixels, n):

@@ -1,0 +1,329 @@
+"""Chest X-ray report data sets written in their release layouts, for tests/test_mimic.py and the eval tests.
+
+- MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR reports: `mimic-cxr-2.0.0-split.csv.gz` (dicom_id, study_id, subject_id, split),
+  `mimic-cxr-2.0.0-metadata.csv.gz` (the release's 12 columns: ViewPosition, StudyDate YYYYMMDD, StudyTime
+  HHMMSS.fff), images `files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg`, reports `files/pNN/pSUBJECT/sSTUDY.txt` in the
+  reports' style (a title line, then ' NAME:' sections, every line indented by one space).
+- IU-Xray (OpenI): `ecgen-radiology/N.xml` (eCitation, AbstractText Label=..., parentImage id=...) and
+  `NLMCXR_png/<id>.png`.
+- CheXpert Plus: `df_chexpert_plus_240401.csv` (an unnamed index column first, then path_to_image, ...,
+  section_findings, section_impression, ..., split) and `PNG/train/patientN/studyM/viewK_frontal.png`.
+
+Images are crops of a real chest radiograph (pydicom-data RG1_UNCR.dcm, NEMA WG04, MIT package); report sentences
+come from radlabels' synthetic MIMIC-style reports (MIT). Every study's expected findings/impression is returned
+beside the files, taken from the text the fixture writes, never from the code under test.
+"""
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                    "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+VIEW_CODES = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral",
+              "AP AXIAL": "antero-posterior", "": ""}
+
+
+def chest_radiograph():
+    """pydicom-data's RG1 chest radiograph as 8-bit grey (MONOCHROME1 inverted), once per process."""
+    if not hasattr(chest_radiograph, "pixels"):
+        import pydicom
+        from pydicom.data import get_testdata_file
+        ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+        pixels = ds.pixel_array.astype(np.float64)
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            pixels = 255 - pixels
+        chest_radiograph.pixels = pixels.astype(np.uint8)
+    return chest_radiograph.pixels
+
+
+def xray_jpeg(seed, fmt="JPEG"):
+    """A distinct crop of the radiograph (offset and size from `seed`), 72 x 60 px, as file bytes."""
+    pixels = chest_radiograph()
+    rng = np.random.default_rng(seed)
+    h, w = pixels.shape
+    size = int(rng.integers(h // 3, h // 2))
+    top, left = int(rng.integers(0, h - size)), int(rng.integers(0, w - size))
+    image = Image.fromarray(pixels[top:top + size, left:left + size]).resize((72, 60), Image.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def radlabels_sections(n):
+    """(findings, impression) paragraphs of the first `n` radlabels reports that hold exactly one FINDINGS and one
+    IMPRESSION section, in that order, impression last: whitespace collapsed."""
+    spec = importlib.util.find_spec("radlabels")
+    assert spec is not None, "radlabels is not installed: run `make setup` (it installs radlabels --no-deps)"
+    folder = Path(spec.submodule_search_locations[0]) / "samples" / "synthetic_reports"
+    pairs = []
+    for file in sorted(folder.glob("synth_*.txt")):
+        text = file.read_text()
+        parts = re.split(r"\n ([A-Z ()/,-]+):\s", text)
+        names = parts[1::2]
+        if names.count("FINDINGS") == 1 and names.count("IMPRESSION") == 1 and names[-1] == "IMPRESSION" \
+                and names[-2] == "FINDINGS":
+            findings, impression = " ".join(parts[-3].split()), " ".join(parts[-1].split())
+            if findings and impression and ":" not in findings + impression:
+                pairs.append((findings, impression))
+        if len(pairs) == n:
+            return pairs
+    raise AssertionError(f"radlabels holds fewer than {n} reports with FINDINGS then IMPRESSION")
+
+
+def wrap(text, width=76):
+    """Text as MIMIC writes it: lines of at most `width` characters, each indented by one space."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join(f" {line}" for line in lines + [line])
+
+
+def mimic_report(style, findings, impression):
+    """A report in one of the styles the official parser handles; returns (text, expected findings, expected
+    impression) as the parser's rules define them (docs/eval.md)."""
+    head = ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
+            " INDICATION:  ___F with cough\n \n COMPARISON:  None.\n \n")
+    if style == "findings+impression":
+        text = head + f" FINDINGS: \n \n{wrap(findings)}\n \n IMPRESSION: \n \n{wrap(impression)}\n"
+        return text, findings, impression
+    if style == "findings and impression":   # one combined section: normalised to impression
+        return head + f" FINDINGS AND IMPRESSION: \n{wrap(impression)}\n", None, impression
+    if style == "conclusion":                # CONCLUSION is impression; the findings section stays findings
+        return head + f" FINDINGS:\n{wrap(findings)}\n \n CONCLUSION:\n{wrap(impression)}\n", findings, impression
+    if style == "findings/impression":
+        return head + f" FINDINGS/IMPRESSION: \n{wrap(impression)}\n", None, impression
+    if style == "findings only":             # an empty IMPRESSION section is dropped
+        return head + f" FINDINGS: \n{wrap(findings)}\n \n IMPRESSION: \n \n", findings, None
+    if style == "no headings":   # everything after the first paragraph break is 'last_paragraph': the impression
+        text = ("                                 FINAL REPORT\n PORTABLE CHEST OF ___\n \n"
+                f"{wrap(findings)}\n \n{wrap(impression)}\n")
+        return text, None, f"{findings} {impression}"
+    raise ValueError(style)
+
+
+# subject -> (split, [(study_id, StudyDate, StudyTime, [ViewPosition...], report style)]); StudyTime as MIMIC
+# writes it (a number: no leading zeros, three decimals)
+MIMIC_SUBJECTS = {
+    "10000032": ("test", [("50414267", "21800506", "213014.531", ["PA", "LATERAL"], "findings+impression"),
+                          ("53189527", "21800626", "165500.312", ["AP"], "conclusion"),
+                          ("53911762", "21800723", "80556.875", ["LATERAL", "LL", "PA"], "findings and impression")]),
+    "10000764": ("test", [("57375967", "21321014", "123500.0", ["AP", ""], "no headings")]),
+    "10000898": ("test", [("50771383", "21800110", "90000.0", ["PA"], "findings/impression"),
+                          ("54205396", "21800110", "93000.0", ["AP AXIAL", "PA"], "findings only")]),
+    "10001217": ("train", [("58913004", "21570410", "101010.0", ["PA", "LATERAL"], "findings+impression"),
+                           ("52067803", "21570918", "142200.5", ["AP"], "findings+impression")]),
+    "10001401": ("train", [("51065211", "21310510", "151600.0", ["PA", "LATERAL"], "findings+impression"),
+                           ("56591769", "21310611", "80100.0", ["PA"], "conclusion")]),
+    "10002013": ("train", [("59016811", "21600101", "120000.0", ["PA", "LATERAL"], "findings+impression")]),
+    "10002428": ("validate", [("56979425", "21560302", "91500.0", ["AP"], "findings+impression")]),
+}
+
+
+def dicom_id(subject, study, n):
+    """A MIMIC-style dicom_id: five dash-separated groups of eight hex digits."""
+    digest = hashlib.sha256(f"{subject}/{study}/{n}".encode()).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
+
+
+def write_csv_gz(path, header, rows):
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_mimic_cxr(root, leak_test_image_into_train=False):
+    """MIMIC-CXR-JPG + reports under `root`; returns {study key: expected dict} with split, subject, views (in the
+    release's order of rows), dicom_ids, date-time, findings, impression, image paths and report path.
+    With leak_test_image_into_train, the first train image is a byte copy of the first test image."""
+    root = Path(root)
+    sections = iter(radlabels_sections(len([s for _, st in MIMIC_SUBJECTS.values() for s in st])))
+    split_rows, meta_rows, studies, seed = [], [], {}, 0
+    for subject, (split, subject_studies) in MIMIC_SUBJECTS.items():
+        for study, date, time, views, style in subject_studies:
+            text, findings, impression = mimic_report(style, *next(sections))
+            folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+            (folder / f"s{study}").mkdir(parents=True, exist_ok=True)
+            (folder / f"s{study}.txt").write_text(text)
+            expected = {"split": split, "subject": subject, "views": views, "dicom_ids": [], "images": [],
+                        "when": (int(date), float(time)), "findings": findings, "impression": impression,
+                        "report": folder / f"s{study}.txt", "style": style}
+            for n, view in enumerate(views):
+                dicom = dicom_id(subject, study, n)
+                image = folder / f"s{study}" / f"{dicom}.jpg"
+                image.write_bytes(xray_jpeg(seed))
+                seed += 1
+                split_rows.append([dicom, study, subject, split])
+                meta_rows.append([dicom, subject, study, "CHEST (PA AND LAT)", view, 3056, 2544, date, time,
+                                  "CHEST (PA AND LAT)", VIEW_CODES[view], "Erect"])
+                expected["dicom_ids"].append(dicom)
+                expected["images"].append(image)
+            studies[f"s{study}"] = expected
+    if leak_test_image_into_train:
+        test = next(s for s in studies.values() if s["split"] == "test")
+        train = next(s for s in studies.values() if s["split"] == "train")
+        train["images"][0].write_bytes(test["images"][0].read_bytes())
+    write_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows)
+    write_csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta_rows)
+    return studies
+
+
+IU_REPORT = """<?xml version="1.0" encoding="utf-8"?>
+<eCitation>
+   <meta type="rr" />
+   <uId id="CXR{n}" />
+   <pmcId id="{n}" />
+   <docSource>CXR</docSource>
+   <IUXRId id="{n}" />
+   <licenseType>open-access</licenseType>
+   <licenseURL>http://creativecommons.org/licenses/by-nc-nd/4.0/</licenseURL>
+   <ccLicense>byncnd</ccLicense>
+   <articleURL />
+   <articleDate>2013-08-01</articleDate>
+   <articleType>XR</articleType>
+   <publisher>Indiana University</publisher>
+   <title>Indiana University Chest X-ray Collection</title>
+   <note>The data are drawn from multiple hospital systems.</note>
+   <specialty>pulmonary diseases</specialty>
+   <subset>CXR</subset>
+   <MedlineCitation Owner="Indiana University" Status="supplied">
+      <Article PubModel="Electronic">
+         <Journal>
+            <JournalIssue>
+               <PubDate>
+                  <Year>2013</Year>
+                  <Month>08</Month>
+                  <Day>01</Day>
+               </PubDate>
+            </JournalIssue>
+         </Journal>
+         <ArticleTitle>Indiana University Chest X-ray Collection</ArticleTitle>
+         <Abstract>
+            <AbstractText Label="COMPARISON">None.</AbstractText>
+            <AbstractText Label="INDICATION">Positive TB test</AbstractText>
+            <AbstractText Label="FINDINGS">{findings}</AbstractText>
+            <AbstractText Label="IMPRESSION">{impression}</AbstractText>
+         </Abstract>
+         <Affiliation>Indiana University</Affiliation>
+         <AuthorList CompleteYN="Y">
+            <Author ValidYN="Y">
+               <LastName>Kohli</LastName>
+               <ForeName>Marc</ForeName>
+               <Initials>MD</Initials>
+            </Author>
+         </AuthorList>
+         <Language>eng</Language>
+         <PublicationTypeList>
+            <PublicationType>Radiology Report</PublicationType>
+         </PublicationTypeList>
+         <ArticleDate>
+            <Year>2013</Year>
+            <Month>08</Month>
+            <Day>01</Day>
+         </ArticleDate>
+      </Article>
+      <EIDs>
+         <EID />
+      </EIDs>
+   </MedlineCitation>
+   <MeSH>
+      <major>normal</major>
+   </MeSH>
+{images}</eCitation>
+"""
+IU_IMAGE = """   <parentImage id="{id}">
+      <figureId>F{k}</figureId>
+      <caption>Xray Chest PA and Lateral</caption>
+      <panel type="single">
+         <url>/hadoop/storage/radiology/extract/{id}.jpg</url>
+         <imgModality>7</imgModality>
+         <region type="panel">
+            <globalImageFeatures>
+               <CEDD>f2p0k1106</CEDD>
+            </globalImageFeatures>
+         </region>
+      </panel>
+   </parentImage>
+"""
+
+
+def write_iu_xray(root):
+    """ecgen-radiology/1.xml .. 3.xml and NLMCXR_png/; returns {uId: {findings, impression, images}}.
+    Report 3 has an empty FINDINGS (OpenI writes <AbstractText Label="FINDINGS"/>)."""
+    root = Path(root)
+    (root / "ecgen-radiology").mkdir(parents=True)
+    (root / "NLMCXR_png").mkdir(parents=True)
+    expected = {}
+    for n, (findings, impression) in enumerate(radlabels_sections(3), 1):
+        ids = [f"CXR{n}_1_IM-{n:04d}-{k}001" for k in (1, 2)][: 1 if n == 2 else 2]
+        images = "".join(IU_IMAGE.format(id=image_id, k=k) for k, image_id in enumerate(ids, 1))
+        for k, image_id in enumerate(ids):
+            (root / "NLMCXR_png" / f"{image_id}.png").write_bytes(xray_jpeg(100 + 10 * n + k, "PNG"))
+        xml = IU_REPORT.format(n=n, findings=findings if n != 3 else "", impression=impression, images=images)
+        if n == 3:
+            xml = xml.replace('<AbstractText Label="FINDINGS"></AbstractText>', '<AbstractText Label="FINDINGS"/>')
+        (root / "ecgen-radiology" / f"{n}.xml").write_text(xml)
+        expected[f"CXR{n}"] = {"findings": findings if n != 3 else None, "impression": impression,
+                               "images": [root / "NLMCXR_png" / f"{i}.png" for i in ids]}
+    return expected
+
+
+CHEXPERT_COLUMNS = ["", "path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
+                    "patient_report_date_order", "report", "section_narrative", "section_clinical_history",
+                    "section_history", "section_comparison", "section_technique", "section_procedure_comments",
+                    "section_findings", "section_impression", "section_end_of_impression", "section_summary",
+                    "section_accession_number", "age", "sex", "race", "ethnicity", "interpreter_needed",
+                    "insurance_type", "recent_bmi", "deceased", "split"]
+
+
+def write_chexpert_plus(root):
+    """df_chexpert_plus_240401.csv and PNG/{split}/patientN/studyM/viewK_*.png; returns {study folder: expected}.
+    patient00002 has two studies (the second's prior is the first); one valid study has no findings section."""
+    root = Path(root)
+    rows, expected = [], {}
+    plan = [("valid", "patient00001", 1, [("Frontal", "PA"), ("Lateral", "")], True),
+            ("valid", "patient00002", 1, [("Frontal", "AP")], True),
+            ("valid", "patient00002", 2, [("Lateral", ""), ("Frontal", "AP")], False),
+            ("train", "patient00003", 1, [("Frontal", "PA")], True)]
+    for i, ((split, patient, study, views, has_findings), (findings, impression)) in \
+            enumerate(zip(plan, radlabels_sections(len(plan)))):
+        folder = f"{split}/{patient}/study{study}"
+        expected[folder] = {"split": split, "findings": findings if has_findings else None,
+                            "impression": impression, "images": [], "views": views}
+        for k, (side, projection) in enumerate(views, 1):
+            rel = f"{folder}/view{k}_{side.lower()}.jpg"
+            png = root / "PNG" / f"{folder}/view{k}_{side.lower()}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            png.write_bytes(xray_jpeg(200 + 10 * i + k, "PNG"))
+            expected[folder]["images"].append(png)
+            report = f"NARRATIVE: ... FINDINGS: {findings} IMPRESSION: {impression}"
+            rows.append([len(rows), rel, rel.replace(".jpg", ".dcm"), side, projection, patient, study, report,
+                         "", "", "", "", "", "", findings if has_findings else "", impression, "", "", "", 61.0,
+                         "Female", "White", "Non-Hispanic/Non-Latino", "No", "Medicare", 24.1, "No", split])
+    with open(root / "df_chexpert_plus_240401.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CHEXPERT_COLUMNS)
+        writer.writerows(rows)
+    return expected
+
+
+def file_sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def relpath(path, start):
+    return os.path.relpath(path, start)
