@@ -9,6 +9,13 @@ data/: everything between files on disk and the token/image batches of the three
                 errors ("file:line: reason") or, with skip_bad, a counted summary.
 - packing.py    packing to seq_len with doc_ids / position_ids per document; safe truncation.
 - loader.py     the deterministic, resumable, rank-sliced loader with background image workers.
+- convert.py    converters for the public releases (benchmarks in eval format, training sets in stage formats).
+- mimic.py      chest X-ray reports: the MIMIC-CXR section parser, studies with views and priors, IU-Xray,
+                CheXpert Plus.
+- pmc.py        PMC Open Access JATS articles and PubMed abstracts as stage-2 documents.
+- leakage.py    text/file hashes and exact/near-duplicate image matching that keep eval data out of training.
+- prepare.py    raw downloads -> eval sets, leakage-filtered training sets and the three stage mixtures.
+- demo.py       the demo data set from packaged medical images, and `make demo`'s closing report.
 
 Importing the package imports nothing heavy; import the module you need.
 """

@@ -38,6 +38,7 @@ import eval as harness  # the prompt wording of stage-3 VQA conversations
 
 from . import pmc
 from .leakage import file_sha256, text_sha256
+from . import mimic
 from .mimic import (convert_chexpert_plus, convert_iu_xray, convert_mimic_cxr, convert_mimic_cxr_captions,
                     convert_mimic_cxr_instruct)
 
@@ -950,7 +951,7 @@ def main(argv=None):
     try:
         summary = convert(args.name, args.src, args.out, args.split, args.skip_missing, args.benchmark, args.limit,
                           args.images)
-    except LayoutError as e:
+    except (LayoutError, mimic.LayoutError) as e:  # data/mimic.py's readers raise their own (it imports no convert)
         print(f"error: {e}", file=sys.stderr)
         return 2
     for info in summary if isinstance(summary, list) else [summary]:

@@ -18,6 +18,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
+import report_fixtures
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 _seeds = itertools.count(1000)
 
@@ -238,9 +240,22 @@ def make_medbullets(root):
 
 
 def make_mimic_cxr(root):
-    images = ["files/p10/p10000032/s50414267/d1a.jpg", "files/p10/p10000032/s50414267/d1b.jpg",
-              "files/p10/p10000032/s53189527/d2a.jpg", "files/p10/p10000764/s56699142/d3a.jpg"]
-    return make_copy(root, "mimic_cxr", "mimic-cxr", images)
+    """MIMIC-CXR-JPG with the reports beside the images (tests/report_fixtures.py writes the release layout)."""
+    src = os.path.join(root, "mimic-cxr-jpg")
+    report_fixtures.write_mimic_cxr(src)
+    return src
+
+
+def make_iu_xray(root):
+    src = os.path.join(root, "iu-xray")
+    report_fixtures.write_iu_xray(src)
+    return src
+
+
+def make_chexpert_plus(root):
+    src = os.path.join(root, "chexpert-plus")
+    report_fixtures.write_chexpert_plus(src)
+    return src
 
 
 def make_llava_med(root):
@@ -339,7 +354,7 @@ def make_text(root):
 MAKERS = {"slake": make_slake, "vqa-rad": make_vqa_rad_parquet, "pathvqa": make_pathvqa, "pmc-vqa": make_pmc_vqa,
           "mmmu": make_mmmu, "mmmu-pro": make_mmmu_pro, "medxpertqa": make_medxpertqa, "medframeqa": make_medframeqa,
           "medqa": make_medqa, "medmcqa": make_medmcqa, "pubmedqa": make_pubmedqa, "medbullets": make_medbullets,
-          "mimic-cxr": make_mimic_cxr, "llava-med": make_llava_med, "pmc-oa": make_pmc_oa, "roco": make_roco,
+          "mimic-cxr": make_mimic_cxr, "iu-xray": make_iu_xray, "chexpert-plus": make_chexpert_plus, "llava-med": make_llava_med, "pmc-oa": make_pmc_oa, "roco": make_roco,
           "rocov2": make_rocov2, "pmc-articles": make_pmc_articles, "pubmed": make_pubmed, "text": make_text}
 
 

@@ -12,7 +12,7 @@ import pytest
 import eval as ev
 import report_fixtures as F
 from data import convert, mimic
-from data.datasets import ImageTokens, load_jsonl
+from data.datasets import ImageTokens, caption_sample, conversation_sample, load_jsonl
 from data.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -156,7 +156,7 @@ def test_mimic_training_records(mimic_release):
     convert.convert("mimic-cxr-captions", str(root / "src"), str(root / "train"))
     train = {k: s for k, s in studies.items() if s["split"] == "train"}
     tok = load_tokenizer()
-    samples = load_jsonl(str(root / "train" / "mimic_cxr_instruct" / "train.jsonl"), 3, tok,
+    samples = load_jsonl(str(root / "train" / "mimic_cxr_instruct" / "train.jsonl"), conversation_sample, tok,
                          ImageTokens(tokens_per_tile=4))
     records = [json.loads(line) for line in (root / "train" / "mimic_cxr_instruct" / "train.jsonl").open()]
     assert len(samples) == len(records) == sum(bool(s[t]) for s in train.values() for t in mimic.TASKS)
@@ -174,7 +174,7 @@ def test_mimic_training_records(mimic_release):
     captions = [json.loads(line) for line in (root / "train" / "mimic_cxr_captions" / "train.jsonl").open()]
     assert sorted(c["id"] for c in captions) == sorted(d for s in train.values() if s["findings"]
                                                        for d in s["dicom_ids"])
-    assert len(load_jsonl(str(root / "train" / "mimic_cxr_captions" / "train.jsonl"), 1, tok,
+    assert len(load_jsonl(str(root / "train" / "mimic_cxr_captions" / "train.jsonl"), caption_sample, tok,
                           ImageTokens(tokens_per_tile=4))) == len(captions)
     hashes = [json.loads(line) for line in (root / "train" / "mimic_cxr_instruct" / "hashes.jsonl").open()]
     assert {h["sha256"] for h in hashes if h["kind"] == "image"} == {F.file_sha(p) for s in train.values()

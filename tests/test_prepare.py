@@ -7,7 +7,7 @@ import os
 import pytest
 
 from data import prepare
-from data.datasets import load_dataset
+from data.datasets import caption_sample, conversation_sample, document_sample, load_dataset
 from data.tokenizer import load_tokenizer
 
 from raw_releases import make_raw
@@ -34,10 +34,13 @@ def test_every_release_is_found_and_converted(prepared, capsys):
     benchmarks = sorted(os.listdir(os.path.join(out, "eval")))
     assert benchmarks == sorted(["slake", "vqa_rad", "pathvqa", "pmc_vqa", "mmmu_med", "mmmu_pro_med_4",
                                  "mmmu_pro_med_10", "medxpertqa_mm", "medxpertqa_text", "medframeqa", "medqa",
-                                 "medmcqa", "pubmedqa", "medbullets", "mimic_cxr"])
+                                 "medmcqa", "pubmedqa", "medbullets", "mimic_cxr_findings", "mimic_cxr_impression",
+                                 "iu_xray_findings", "iu_xray_impression", "chexpert_plus_findings",
+                                 "chexpert_plus_impression"])
     train = sorted(os.listdir(os.path.join(out, "train")))
     assert train == sorted(["slake_train", "vqa_rad_train", "pathvqa_train", "pmc_vqa_train", "medqa_train",
-                            "medmcqa_train", "pubmedqa_train", "mimic_cxr_train", "llava-med-alignment",
+                            "medmcqa_train", "pubmedqa_train", "mimic_cxr_captions", "mimic_cxr_instruct",
+                            "llava-med-alignment",
                             "llava-med-instruct", "pmc-oa", "roco", "rocov2", "pmc-articles", "pubmed", "text-folder"])
     ten = read(os.path.join(out, "eval", "mmmu_pro_med_10", "test.jsonl"))
     assert [len(i["options"]) for i in ten] == [10]  # the config the benchmark names
@@ -61,13 +64,16 @@ def test_leaks_are_dropped_per_source_and_benchmark(prepared):
 def test_stage_mixtures_load(prepared):
     _, out, _ = prepared
     tok = load_tokenizer()
+    readers = {1: caption_sample, 2: document_sample, 3: conversation_sample}  # as the stage scripts read them
     sizes = {}
     for stage in (1, 2, 3):
-        ds = load_dataset(os.path.join(out, f"stage{stage}.json"), stage, tok)
+        ds = load_dataset(os.path.join(out, f"stage{stage}.json"), readers[stage], tok)
         assert not ds.report.skipped
         sizes[stage] = len(ds.samples)
-    # stage 1: pmc-oa 2 + llava-med 1 (one leaked) + rocov2 2 + roco 2; stage 2: 1 article, 1 abstract, 2 texts
-    assert sizes[1] == 7 and sizes[2] == 4
+    # stage 1: pmc-oa 2 + llava-med 1 (one leaked) + rocov2 2 + roco 2 + the MIMIC-CXR train images with findings;
+    # stage 2: 1 article, 1 abstract, 2 texts
+    mimic_captions = len(read(os.path.join(out, "train", "mimic_cxr_captions", "clean.jsonl")))
+    assert mimic_captions > 0 and sizes[1] == 7 + mimic_captions and sizes[2] == 4
     assert sizes[3] == sum(len(read(os.path.join(out, e["path"])))
                            for e in json.load(open(os.path.join(out, "stage3.json")))["datasets"])
 
@@ -76,7 +82,8 @@ def test_report_and_rerun(prepared, capsys):
     root, out, _ = prepared
     assert prepare.main(["--raw", str(root / "RAW"), "--out", out, "--no-tokens"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("done before") == 30 and "converted in" not in captured.err
+    n_jobs = sum(len(release.jobs) for release in prepare.RELEASES)  # every release is in the fixture RAW tree
+    assert captured.err.count("done before") == n_jobs and "converted in" not in captured.err
     assert "hashing the eval images" not in captured.err  # leakage results reused
     report = captured.out
     assert "slake_train" in report and "leak exact slake: 1" in report and "q_lang != en: 1" in report
