@@ -40,7 +40,7 @@ Design choices
 """
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -390,10 +390,8 @@ class SiglipVisionConfig(_TowerConfig):
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
-# timm's ViT sizes by name: (embed_dim, depth, num_heads); mlp_ratio 4
-TIMM_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "medium": (512, 12, 8), "base": (768, 12, 12),
-                  "large": (1024, 24, 16)}
-TIMM_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")  # timm_model_kwargs understood here
+# timm's plain ViTs by size name: (embed_dim, depth, num_heads); mlp_ratio 4
+TIMM_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
 @dataclass
@@ -412,9 +410,7 @@ class OpenCLIPVisionConfig(_TowerConfig):
     layer_norm_eps: float = 1e-6  # timm's ViT norm layer
     embed_dim: int = 512
     timm_model_name: str = "vit_base_patch16_224"
-    timm_model_kwargs: dict = field(default_factory=dict)
     timm_pool: str = ""
-    timm_proj: str = "linear"
     timm_proj_bias: bool = False
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
@@ -432,29 +428,26 @@ class OpenCLIPVisionConfig(_TowerConfig):
         model_cfg = open_clip_config.get("model_cfg") or {}
         vision_cfg = model_cfg.get("vision_cfg") or {}
         name = vision_cfg.get("timm_model_name")
-        match = re.fullmatch(r"vit_(tiny|small|medium|base|large)_patch(\d+)_(\d+)", (name or "").split(".")[0])
+        match = re.fullmatch(r"vit_(tiny|small|base|large)_patch(\d+)_(\d+)", (name or "").split(".")[0])
         if match is None:
             raise ValueError(f"{where}: model_cfg.vision_cfg.timm_model_name={name!r}; supported: timm's plain ViTs "
                              f"vit_{{{'|'.join(TIMM_VIT_SIZES)}}}_patchP_S (BiomedCLIP: vit_base_patch16_224)")
-        kwargs = dict(vision_cfg.get("timm_model_kwargs") or {})
-        unknown = sorted(set(kwargs) - set(TIMM_KWARGS))
-        if unknown:
-            raise ValueError(f"{where}: timm_model_kwargs {unknown} not supported (only {list(TIMM_KWARGS)})")
         width, depth, heads = TIMM_VIT_SIZES[match.group(1)]
-        width, depth, heads = kwargs.get("embed_dim", width), kwargs.get("depth", depth), kwargs.get("num_heads", heads)
+        patch, size = int(match.group(2)), int(match.group(3))
+        if vision_cfg.get("image_size", size) != size:  # open_clip builds the trunk at the name's size
+            raise ValueError(f"{where}: image_size {vision_cfg['image_size']} differs from {name}'s {size} px, "
+                             f"which open_clip's TimmModel builds; the position table would not fit")
         pre = {**OPEN_CLIP_PREPROCESS, **(open_clip_config.get("preprocess_cfg") or {})}
-        if vision_cfg.get("timm_proj", "linear") not in ("linear", "", None):
-            raise ValueError(f"{where}: timm_proj={vision_cfg['timm_proj']!r}; supported: 'linear' or none")
+        if vision_cfg.get("timm_proj", "linear") != "linear":  # '' / 'none' put a head inside the trunk instead
+            raise ValueError(f"{where}: timm_proj={vision_cfg['timm_proj']!r}; supported: 'linear' (BiomedCLIP's)")
         if vision_cfg.get("timm_pool", "avg") in ("abs_attn", "rot_attn"):
             raise ValueError(f"{where}: timm_pool={vision_cfg['timm_pool']!r} (an attention pool) is not supported")
         if pre["resize_mode"] not in ("shortest", "squash") or pre["interpolation"] not in RESAMPLE:
             raise ValueError(f"{where}: preprocess_cfg resize_mode={pre['resize_mode']!r} interpolation="
                              f"{pre['interpolation']!r}; supported: shortest | squash, {sorted(RESAMPLE)}")
-        config = cls(hidden_size=width, intermediate_size=int(width * kwargs.get("mlp_ratio", 4.0)),
-                     num_hidden_layers=depth, num_attention_heads=heads, image_size=vision_cfg.get("image_size", 224),
-                     patch_size=kwargs.get("patch_size", int(match.group(2))), embed_dim=model_cfg.get("embed_dim", 512),
-                     timm_model_name=name, timm_model_kwargs=kwargs, timm_pool=vision_cfg.get("timm_pool", "avg"),
-                     timm_proj=vision_cfg.get("timm_proj", "linear") or "",
+        config = cls(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth, num_attention_heads=heads,
+                     image_size=size, patch_size=patch, embed_dim=model_cfg.get("embed_dim", 512),
+                     timm_model_name=name, timm_pool=vision_cfg.get("timm_pool", "avg"),
                      timm_proj_bias=vision_cfg.get("timm_proj_bias", False), mean=tuple(pre["mean"]),
                      std=tuple(pre["std"]), interpolation=pre["interpolation"], resize_mode=pre["resize_mode"])
         config.check(where)
@@ -462,10 +455,8 @@ class OpenCLIPVisionConfig(_TowerConfig):
 
     def to_hf(self) -> dict:
         vision_cfg = {"timm_model_name": self.timm_model_name, "timm_model_pretrained": False,
-                      "timm_pool": self.timm_pool, "timm_proj": self.timm_proj, "timm_proj_bias": self.timm_proj_bias,
+                      "timm_pool": self.timm_pool, "timm_proj": "linear", "timm_proj_bias": self.timm_proj_bias,
                       "image_size": self.image_size}
-        if self.timm_model_kwargs:
-            vision_cfg["timm_model_kwargs"] = dict(self.timm_model_kwargs)
         return {"model_type": self.model_type, "model_cfg": {"embed_dim": self.embed_dim, "vision_cfg": vision_cfg},
                 "preprocess_cfg": {"mean": list(self.mean), "std": list(self.std),
                                    "interpolation": self.interpolation, "resize_mode": self.resize_mode}}
@@ -766,8 +757,7 @@ class OpenCLIPVision(nn.Module):
         super().__init__()
         self.config = config = config or OpenCLIPVisionConfig()
         self.trunk = TimmViT(config)
-        if config.timm_proj == "linear":
-            self.head = OpenCLIPHead(config)
+        self.head = OpenCLIPHead(config)
         self.gradient_checkpointing = False
 
     @property
@@ -775,7 +765,7 @@ class OpenCLIPVision(nn.Module):
         return self.trunk.blocks
 
     def unused_modules(self) -> list:
-        return [self.trunk.norm] + ([self.head] if self.config.timm_proj == "linear" else [])
+        return [self.trunk.norm, self.head]
 
     def forward(self, pixel_values, feature_layer=-2, select_strategy="default"):
         check_pixels(pixel_values, self.config)

@@ -181,3 +181,158 @@ def test_preprocessing_hf_round_trip_and_errors():
         vision.Preprocessing.from_hf({"size": {"height": 384, "width": 512}})
     with pytest.raises(ValueError, match="crop_size"):
         vision.Preprocessing.from_hf({"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BiomedCLIP's open_clip tower vs open_clip (reference outputs) and vs transformers' ViTModel (independent)
+
+import open_clip_reference  # noqa: E402  (tests/open_clip_reference.py: seeded weights, run in open_clip's venv)
+
+FIXTURE = os.path.join(HERE, "fixtures", "open_clip_vit_tiny")  # open_clip_reference.py's output for vit_tiny
+OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/venv-openclip/bin/python")
+
+
+def open_clip_images():
+    """(file name, 8-bit PIL image) of real medical images: a square and an odd-offset crop of the retina, a small
+    greyscale image (upsampled), and a windowed 16-bit CT slice brought to 8 bits by to_rgb."""
+    data = pytest.importorskip("skimage.data")
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    retina = Image.fromarray(data.retina())
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array.astype(np.int32)
+    return [("retina.png", retina), ("retina_701x333.png", retina.crop((300, 500, 1001, 833))),
+            ("microaneurysms_L.png", Image.fromarray(data.microaneurysms())),
+            ("ct_window.png", vision.to_rgb(Image.fromarray(ct), window=(40, 400)))]
+
+
+def write_open_clip_dir(path, open_clip_config, state, torch_file=False):
+    """An open_clip directory as BiomedCLIP's release ships it: open_clip_config.json, visual.* tensors in
+    open_clip_model.safetensors or open_clip_pytorch_model.bin."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump(open_clip_config, f)
+    visual = {"visual." + name: t.contiguous() for name, t in state.items()}
+    visual["logit_scale"] = torch.tensor(4.6052)  # the two-tower model's own tensors are not the tower's
+    if torch_file:
+        torch.save(visual, os.path.join(path, "open_clip_pytorch_model.bin"))
+    else:
+        save_file(visual, os.path.join(path, "open_clip_model.safetensors"))
+
+
+def check_against_open_clip(reference_dir, tmp_path):
+    """Our tower (weights from open_clip_reference.seeded_state, as the reference's) and our preprocessing against
+    open_clip's outputs in reference_dir/reference.safetensors. Returns the max relative differences."""
+    from safetensors.torch import load_file
+
+    open_clip_config = json.loads(open(os.path.join(reference_dir, "open_clip_config.json")).read())
+    config = vision.OpenCLIPVisionConfig.from_hf(open_clip_config)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in vision.OpenCLIPVision(config).state_dict().items()}
+    write_open_clip_dir(tmp_path / "biomedclip", open_clip_config, open_clip_reference.seeded_state(shapes))
+    ours = vision.load_tower(tmp_path / "biomedclip").eval()
+    assert isinstance(ours, vision.OpenCLIPVision)
+    reference = load_file(os.path.join(reference_dir, "reference.safetensors"))
+    pixels = open_clip_reference.fixed_pixels(config.image_size)
+    n = config.num_hidden_layers
+    rel = {}
+    with torch.no_grad():
+        for key in [k for k in reference if k.startswith("hidden.")]:
+            layer = int(key.split(".")[1])
+            rel[key] = rel_diff(ours(pixels, layer, "full"), reference[key])
+        last = ours(pixels, n, "full")
+        rel["embedding"] = rel_diff(ours.head.proj(ours.trunk.norm(last)[:, 0]), reference["embedding"])
+    assert {"hidden.0", f"hidden.{n - 1}", f"hidden.{n}"} <= set(rel), sorted(rel)
+    for key, value in rel.items():
+        assert value < 1e-5, f"{key}: relative difference {value}"
+    spec = vision.read_preprocessing(tmp_path / "biomedclip")
+    assert spec == config.preprocessing() and (spec.crop, spec.crop_offset) == (True, "round")
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    images = dict(open_clip_images())
+    checked = [k for k in reference if k.startswith("pixels.")]
+    assert len(checked) >= 3, checked
+    for key in checked:
+        ours_u8 = torch.round((spec(images[key.removeprefix("pixels.")]) * std + mean) * 255).to(torch.uint8)
+        assert torch.equal(ours_u8, reference[key]), f"{key}: {(ours_u8.int() - reference[key].int()).abs().max()}"
+    return rel
+
+
+def test_open_clip_tower_matches_open_clip_fixture(tmp_path):
+    """vit_tiny_patch16_224 in BiomedCLIP's open_clip config, against open_clip 3.3.0's outputs saved by
+    `open_clip_reference.py` (hidden states of layers 0, n-1, n and the pooled embedding; the transform)."""
+    check_against_open_clip(FIXTURE, tmp_path)
+
+
+@pytest.mark.slow
+def test_open_clip_tower_matches_open_clip_live(tmp_path):
+    """BiomedCLIP's own ViT-B/16 config, open_clip run live in its own venv (OPEN_CLIP_PYTHON)."""
+    if not os.path.isfile(OPEN_CLIP_PYTHON):
+        pytest.skip(f"{OPEN_CLIP_PYTHON} not found: open_clip's venv (see tests/open_clip_reference.py)")
+    out = tmp_path / "reference"
+    os.makedirs(out / "images")
+    for name, image in open_clip_images():
+        image.save(out / "images" / name)
+    subprocess.run([OPEN_CLIP_PYTHON, os.path.join(HERE, "open_clip_reference.py"), str(out)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rel = check_against_open_clip(out, tmp_path)
+    print("BiomedCLIP ViT-B/16 vs open_clip, max relative difference:", {k: f"{v:.2e}" for k, v in rel.items()})
+
+
+def to_transformers_vit(state, config):
+    """Our (open_clip / timm) tower's tensors under transformers' ViTModel names: an independent implementation."""
+    C = config.hidden_size
+    out = {"embeddings.cls_token": state["trunk.cls_token"], "embeddings.position_embeddings": state["trunk.pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": state["trunk.patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["trunk.patch_embed.proj.bias"],
+           "layernorm.weight": state["trunk.norm.weight"], "layernorm.bias": state["trunk.norm.bias"]}
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"trunk.blocks.{i}.", f"layers.{i}."  # transformers 5's ViTModel names
+        for kind in ("weight", "bias"):
+            q, k, v = state[ours + "attn.qkv." + kind].split(C)
+            out.update({theirs + "attention.q_proj." + kind: q, theirs + "attention.k_proj." + kind: k,
+                        theirs + "attention.v_proj." + kind: v,
+                        theirs + "attention.o_proj." + kind: state[ours + "attn.proj." + kind],
+                        theirs + "layernorm_before." + kind: state[ours + "norm1." + kind],
+                        theirs + "layernorm_after." + kind: state[ours + "norm2." + kind],
+                        theirs + "mlp.fc1." + kind: state[ours + "mlp.fc1." + kind],
+                        theirs + "mlp.fc2." + kind: state[ours + "mlp.fc2." + kind]})
+    return out
+
+
+@pytest.mark.parametrize("torch_file", [False, True])
+def test_open_clip_tower_matches_transformers_vit(tmp_path, torch_file):
+    """timm's ViT is transformers' ViTModel (eps 1e-6, erf GELU): BiomedCLIP's layout, safetensors or a torch file
+    (read with weights_only), against ViTModel's hidden states."""
+    open_clip_config = json.loads(json.dumps(open_clip_reference.BIOMEDCLIP_CONFIG))
+    open_clip_config["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_tiny_patch16_224"
+    config = vision.OpenCLIPVisionConfig.from_hf(open_clip_config)
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.embed_dim) == (192, 12, 224, 512)
+    torch.manual_seed(5)
+    state = {k: torch.randn_like(v) * 0.05 for k, v in vision.OpenCLIPVision(config).state_dict().items()}
+    write_open_clip_dir(tmp_path, open_clip_config, state, torch_file)
+    ours = vision.load_tower(tmp_path).eval()
+    hf_config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                       intermediate_size=768, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+                                       hidden_act="gelu", qkv_bias=True)
+    ref = transformers.ViTModel(hf_config, add_pooling_layer=False).eval()
+    ref.load_state_dict(to_transformers_vit(state, config), strict=True)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for layer, strategy in [(-2, "default"), (0, "full"), (-1, "full"), ([1, -2], "default")]:
+            rel = rel_diff(ours(pixels, layer, strategy), hf_hidden_states(ref, pixels, layer, strategy))
+            assert rel < 1e-5, f"layer {layer} {strategy}: relative difference {rel}"
+    assert ours.config.tokens_per_tile == 196
+
+
+def test_open_clip_config_errors():
+    base = open_clip_reference.BIOMEDCLIP_CONFIG
+    for vision_cfg, message in [({"timm_model_name": "convnext_base"}, "timm_model_name='convnext_base'"),
+                                ({"timm_model_name": "vit_base_patch16_224", "image_size": 336}, "differs from"),
+                                ({"timm_model_name": "vit_base_patch16_224", "timm_proj": "mlp"}, "timm_proj"),
+                                ({"timm_model_name": "vit_base_patch16_224", "timm_pool": "abs_attn"}, "attention")]:
+        with pytest.raises(ValueError, match=message):
+            vision.OpenCLIPVisionConfig.from_hf({**base, "model_cfg": {"embed_dim": 512, "vision_cfg": vision_cfg}})
+    config = vision.OpenCLIPVisionConfig.from_hf(base)
+    assert config == vision.OpenCLIPVisionConfig() and vision.vision_config_from_hf(config.to_hf()) == config
