@@ -259,7 +259,8 @@ def vision_tower_config(path):
     elif model_type == "llava" and hf_config.get("vision_config") is None:
         return None, VISION_PREFIXES[model_type], config_path
     else:
-        tower = {"model_type": TOWER_TYPES.get(model_type, "clip_vision_model"), **(hf_config.get("vision_config") or {})}
+        tower = {"model_type": TOWER_TYPES.get(model_type, "clip_vision_model"),
+                 **(hf_config.get("vision_config") or {})}
     return tower, VISION_PREFIXES[model_type], config_path
 
 
@@ -513,7 +514,8 @@ def parts_reader(model, lm_path, vision_path, projector_state):
     lm_reader.check(_shapes(model, "language_model."), extra_ok=lambda key: False)
     projector = {"multi_modal_projector." + name: t for name, t in projector_state.items()}
     check_state(projector, _shapes(model, "multi_modal_projector."), "projector_state")
-    readers = {"language_model": lm_reader, "vision_tower": _vision_reader(_shapes(model, "vision_tower."), vision_path),
+    readers = {"language_model": lm_reader,
+               "vision_tower": _vision_reader(_shapes(model, "vision_tower."), vision_path),
                "multi_modal_projector": tensor_reader(projector)}
 
     def load(name, start, end):

@@ -467,7 +467,8 @@ class OpenCLIPVisionConfig(_TowerConfig):
                              resample=RESAMPLE[self.interpolation], mean=self.mean, std=self.std, crop_offset="round")
 
 
-OPEN_CLIP_PREPROCESS = dict(mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic", resize_mode="shortest")  # PreprocessCfg
+# open_clip's PreprocessCfg defaults: what an open_clip_config.json means by a missing preprocess_cfg key
+OPEN_CLIP_PREPROCESS = dict(mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic", resize_mode="shortest")
 
 # vision_config.model_type -> config class
 VISION_CONFIGS = {c.model_type: c for c in (CLIPVisionConfig, SiglipVisionConfig, OpenCLIPVisionConfig)}

@@ -83,14 +83,15 @@ def main(argv):
     reference = {}
     trunk = visual.trunk
     with torch.no_grad():
-        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(fixed_pixels(vision_cfg["image_size"])))))
+        pixels = fixed_pixels(vision_cfg["image_size"])
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixels))))  # timm's forward_features
         hidden = [x]
         for block in trunk.blocks:
             x = block(x)
             hidden.append(x)
         # the manual path is timm's own: its forward_features ends in norm(last hidden state)
-        assert torch.equal(trunk.forward_features(fixed_pixels(vision_cfg["image_size"])), trunk.norm(x))
-        reference["embedding"] = visual(fixed_pixels(vision_cfg["image_size"]))
+        assert torch.equal(trunk.forward_features(pixels), trunk.norm(x))
+        reference["embedding"] = visual(pixels)
     for i, h in enumerate(hidden):
         reference[f"hidden.{i}"] = h
 
