@@ -1,6 +1,7 @@
 """
-The released checkpoint formats, in and out: Hugging Face gpt-oss (experts dense or MXFP4), CLIP vision towers
-(CLIPModel, CLIPVisionModel, or inside a LLaVA directory) and LLaVA (llava-hf's layout and transformers 5's).
+The released checkpoint formats, in and out: Hugging Face gpt-oss (experts dense or MXFP4), vision towers (CLIP's
+CLIPModel / CLIPVisionModel, SigLIP's SiglipModel / SiglipVisionModel, open_clip's open_clip_config.json + visual.*
+as BiomedCLIP ships it, or the tower inside a LLaVA directory) and LLaVA (llava-hf's layout and transformers 5's).
 model.py and vision.py build the modules; this file fills them from a directory and writes them back.
 
 Design choices
@@ -57,10 +58,12 @@ def checkpoint_files(path) -> dict:
         if os.path.isfile(index_path):
             return _indexed_files(index_path)
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files and os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            files = [os.path.join(path, "pytorch_model.bin")]
+        for torch_file in ("pytorch_model.bin", OPEN_CLIP_WEIGHTS[1]):
+            if not files and os.path.isfile(os.path.join(path, torch_file)):
+                files = [os.path.join(path, torch_file)]
         if not files:
-            raise FileNotFoundError(f"{path}: no model.safetensors.index.json, *.safetensors or pytorch_model.bin")
+            raise FileNotFoundError(f"{path}: no model.safetensors.index.json, *.safetensors, pytorch_model.bin or "
+                                    f"{OPEN_CLIP_WEIGHTS[1]}")
     return {name: file for file in files for name in _tensor_names(file)}
 
 
@@ -85,8 +88,11 @@ def _tensor_names(file):
 
 
 def _load_bin(file):
-    """A pytorch_model.bin state dict, memory-mapped; weights_only: no pickled code runs."""
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    """A pytorch_model.bin state dict, memory-mapped; weights_only: no pickled code runs. open_clip's training
+    checkpoints nest it under "state_dict" with DDP's "module." prefix; released ones are plain."""
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state)
+    return {name.removeprefix("module."): tensor for name, tensor in state.items()}
 
 
 def _require_safetensors(name_to_file, path):
@@ -215,48 +221,67 @@ def _copy_mxfp4(param, blocks_file, scales_file, name):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLIP vision towers: CLIPModel (vision_model.*), CLIPVisionModel, or the tower inside a LLaVA directory
+# Vision towers: CLIP (CLIPModel's vision_model.*, CLIPVisionModel), SigLIP (SiglipModel, SiglipVisionModel),
+# open_clip (open_clip_config.json + visual.*: BiomedCLIP), or the tower inside a LLaVA directory
 
 # Where a vision tower's weights live in each kind of checkpoint, tried in order (older layouts first).
 VISION_PREFIXES = {
     "clip": ["vision_model."],
     "clip_vision_model": ["vision_model.", ""],
+    "siglip": ["vision_model."],
+    "siglip_vision_model": ["vision_model.", ""],  # transformers 4 saved vision_model.*, transformers 5 no prefix
+    "open_clip": ["visual."],
     "llava": ["vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower."],
 }
-VISION_PROBE = "embeddings.patch_embedding.weight"  # a tensor every CLIP vision tower has
+VISION_PROBE = "embeddings.patch_embedding.weight"  # a tensor every CLIP and SigLIP vision tower has
+OPEN_CLIP_PROBE = "trunk.patch_embed.proj.weight"  # open_clip's TimmModel around a timm ViT
+# the tower's config inside a full two-tower config.json, by the checkpoint's model_type
+TOWER_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's hub file names
 
 
-def clip_vision_config(path):
-    """(the vision tower's clip_vision_model config dict, or None for LlavaConfig's default tower; the candidate
-    prefixes of its tensors) of a CLIPModel, CLIPVisionModel or LLaVA directory, from config.json alone."""
+def vision_tower_config(path):
+    """(the tower's config dict (with its model_type), or None for LlavaConfig's default tower; the candidate
+    prefixes of its tensors; the file it came from) of a CLIP, SigLIP, open_clip or LLaVA directory, from its
+    config.json (or open_clip_config.json) alone."""
     config_path = os.path.join(path, "config.json")
+    open_clip_path = os.path.join(path, "open_clip_config.json")
+    if not os.path.isfile(config_path) and os.path.isfile(open_clip_path):
+        return {"model_type": "open_clip_vision", **read_json(open_clip_path)}, VISION_PREFIXES["open_clip"], \
+            open_clip_path
     hf_config = read_json(config_path)
     model_type = hf_config.get("model_type")
     if model_type not in VISION_PREFIXES:
-        raise ValueError(f"{config_path}: model_type {model_type!r}; expected 'clip', 'clip_vision_model' or 'llava'")
-    if model_type == "clip_vision_model":
+        raise ValueError(f"{config_path}: model_type {model_type!r}; expected one of {sorted(VISION_PREFIXES)} "
+                         f"(or an open_clip directory with open_clip_config.json)")
+    if model_type.endswith("_vision_model"):
         tower = hf_config
     elif model_type == "llava" and hf_config.get("vision_config") is None:
-        return None, VISION_PREFIXES[model_type]
+        return None, VISION_PREFIXES[model_type], config_path
     else:
-        tower = hf_config.get("vision_config") or {}
-    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise ValueError(f"{config_path}: vision_config.model_type is {tower.get('model_type')!r}; "
-                         f"only 'clip_vision_model' is supported")
-    return tower, VISION_PREFIXES[model_type]
+        tower = {"model_type": TOWER_TYPES.get(model_type, "clip_vision_model"),
+                 **(hf_config.get("vision_config") or {})}
+    return tower, VISION_PREFIXES[model_type], config_path
+
+
+def preprocessor_config(path):
+    """(preprocessor_config.json's dict, its path) of a directory, or (None, path) when it has none."""
+    file = os.path.join(path, "preprocessor_config.json")
+    return (read_json(file) if os.path.isfile(file) else None), file
 
 
 def vision_prefix(names, prefixes, path):
     """The first of `prefixes` under which a checkpoint's tensor names hold a vision tower."""
-    prefix = next((p for p in prefixes if p + VISION_PROBE in names), None)
+    prefix = next((p for p in prefixes if p + VISION_PROBE in names or p + OPEN_CLIP_PROBE in names), None)
     if prefix is None:
-        raise ValueError(f"{path}: no vision tower found (looked for {[p + VISION_PROBE for p in prefixes]})")
+        raise ValueError(f"{path}: no vision tower found (looked for {[p + VISION_PROBE for p in prefixes]} and "
+                         f"{[p + OPEN_CLIP_PROBE for p in prefixes]})")
     return prefix
 
 
 def load_prefixed(path, prefixes) -> dict:
-    """The vision tower's tensors, prefix stripped, under the first of `prefixes` that holds one (a CLIPModel's
-    text tower left out, and the position_ids buffer that older checkpoints saved)."""
+    """The vision tower's tensors, prefix stripped, under the first of `prefixes` that holds one (a two-tower
+    checkpoint's text tower left out, and the position_ids buffer that older checkpoints saved)."""
     name_to_file = checkpoint_files(path)
     prefix = vision_prefix(name_to_file, prefixes, path)
 
@@ -266,8 +291,8 @@ def load_prefixed(path, prefixes) -> dict:
     return {name[len(prefix):]: t for name, t in iter_checkpoint(name_to_file, is_tower)}
 
 
-def load_clip_vision(module, path, prefixes, dtype, device):
-    """Fill a vision.CLIPVision (possibly on the meta device) from a CLIP directory; see load_prefixed."""
+def load_vision_tower(module, path, prefixes, dtype, device):
+    """Fill a vision tower of any family (possibly on the meta device) from its directory; see load_prefixed."""
     return load_exact(module, load_prefixed(path, prefixes), path, dtype, device)
 
 
@@ -320,8 +345,9 @@ def to_checkpoint_name(name, layout):
 
 def llava_layout(checkpoint_names, path):
     """The LLAVA_LAYOUTS entry whose vision probe is among a checkpoint's tensor names."""
-    probe = "vision_tower." + VISION_PROBE
-    layout = next((name for name in LLAVA_LAYOUTS if to_checkpoint_name(probe, name) in checkpoint_names), None)
+    probes = ["vision_tower." + VISION_PROBE, "vision_tower." + OPEN_CLIP_PROBE]
+    layout = next((name for name in LLAVA_LAYOUTS
+                   if any(to_checkpoint_name(probe, name) in checkpoint_names for probe in probes)), None)
     if layout is None:
         raise ValueError(f"{path}: no vision tower found: expected vision_tower.vision_model.*, vision_tower.* or "
                          f"model.vision_tower.* tensors (is this a LLaVA checkpoint?)")
@@ -368,13 +394,17 @@ def write_safetensors(named_tensors, path, max_shard_bytes=5 * 2**30, dtype=None
     return weight_map
 
 
-def write_llava(named_tensors, config, path, max_shard_bytes=5 * 2**30, dtype=None):
+def write_llava(named_tensors, config, path, max_shard_bytes=5 * 2**30, dtype=None, preprocessor=None):
     """A MedGPT's (name, tensor) pairs and its LLaVA config dict (MedGPTConfig.to_dict) as a LLaVA directory in
-    llava-hf's layout: safetensors shards (see write_safetensors) and config.json."""
+    llava-hf's layout: safetensors shards (see write_safetensors), config.json and, given a dict,
+    preprocessor_config.json (the image processor, as llava-hf's releases ship it)."""
     weight_map = write_safetensors(((to_checkpoint_name(name, "llava-hf"), t) for name, t in named_tensors), path,
                                    max_shard_bytes, dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if preprocessor is not None:
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(preprocessor, f, indent=2)
     return weight_map
 
 
@@ -475,16 +505,17 @@ def llava_reader(model, path):
     return reader
 
 
-def parts_reader(model, lm_path, clip_path, projector_state):
+def parts_reader(model, lm_path, vision_path, projector_state):
     """`load(name, start, end)` for stage 1's start from parts, what MedGPT.from_parts loads, for a MedGPT built on
-    the meta device: language_model.* from a gpt-oss directory (dense or MXFP4), vision_tower.* from a CLIP
-    directory (CLIPModel, CLIPVisionModel or LLaVA), multi_modal_projector.* from `projector_state` (the state dict
+    the meta device: language_model.* from a gpt-oss directory (dense or MXFP4), vision_tower.* from a vision
+    directory (CLIP, SigLIP, open_clip or LLaVA), multi_modal_projector.* from `projector_state` (the state dict
     of a freshly initialised projector). Every parameter is checked before anything is read."""
     lm_reader = SafetensorsReader(lm_path, rename=lambda name: name.removeprefix("language_model."))
     lm_reader.check(_shapes(model, "language_model."), extra_ok=lambda key: False)
     projector = {"multi_modal_projector." + name: t for name, t in projector_state.items()}
     check_state(projector, _shapes(model, "multi_modal_projector."), "projector_state")
-    readers = {"language_model": lm_reader, "vision_tower": _clip_reader(_shapes(model, "vision_tower."), clip_path),
+    readers = {"language_model": lm_reader,
+               "vision_tower": _vision_reader(_shapes(model, "vision_tower."), vision_path),
                "multi_modal_projector": tensor_reader(projector)}
 
     def load(name, start, end):
@@ -492,16 +523,16 @@ def parts_reader(model, lm_path, clip_path, projector_state):
     return load
 
 
-def _clip_reader(shapes, clip_path):
-    """`load` of the vision_tower.* parameters ({name: shape}) from a CLIP directory."""
-    prefixes = clip_vision_config(clip_path)[1]
-    name_to_file = checkpoint_files(clip_path)
+def _vision_reader(shapes, vision_path):
+    """`load` of the vision_tower.* parameters ({name: shape}) from a vision tower's directory."""
+    prefixes = vision_tower_config(vision_path)[1]
+    name_to_file = checkpoint_files(vision_path)
     if all(file.endswith(".safetensors") for file in name_to_file.values()):
-        prefix = vision_prefix(name_to_file, prefixes, clip_path)
-        reader = SafetensorsReader(clip_path, rename=lambda name: prefix + name.removeprefix("vision_tower."))
-        reader.check(shapes)  # a CLIPModel holds the text tower too: other tensors are fine
+        prefix = vision_prefix(name_to_file, prefixes, vision_path)
+        reader = SafetensorsReader(vision_path, rename=lambda name: prefix + name.removeprefix("vision_tower."))
+        reader.check(shapes)  # a two-tower checkpoint holds the text tower too: other tensors are fine
         return reader
-    # pytorch_model.bin: no ranged reads; the tower (0.3B parameters for ViT-L) is read whole
-    tower = {"vision_tower." + name: t for name, t in load_prefixed(clip_path, prefixes).items()}
-    check_state(tower, shapes, clip_path)
+    # a torch file (pytorch_model.bin, open_clip_pytorch_model.bin): no ranged reads; the tower is read whole
+    tower = {"vision_tower." + name: t for name, t in load_prefixed(vision_path, prefixes).items()}
+    check_state(tower, shapes, vision_path)
     return tensor_reader(tower)

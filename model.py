@@ -646,10 +646,11 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ---------------- MedGPT: CLIP vision tower + projector + GPT-oss ----------------
+# ---------------- MedGPT: vision tower + projector + GPT-oss ----------------
 #
 # Design choices
-# - MedGPT holds .vision_tower (vision.CLIPVision), .multi_modal_projector (vision.Projector) and
+# - MedGPT holds .vision_tower (vision.CLIPVision, SiglipVision or OpenCLIPVision, picked by the config's vision
+#   family: vision.build_tower), .multi_modal_projector (vision.Projector) and
 #   .language_model (GPT); with the GPT's own "model." / "lm_head." names its state dict is transformers 5's
 #   LLaVA save layout, so the checkpoint mapping is a prefix table (checkpoint.LLAVA_LAYOUTS).
 # - The image features of every tile are scattered into the token embeddings at the image-token positions, in
@@ -668,14 +669,20 @@ IMAGE_TOKEN_ID = 200017  # <|reserved_200017|> of o200k_harmony; equals data.tok
 
 @dataclass
 class MedGPTConfig:
-    """A LLaVA config.json's fields that matter here (transformers' defaults where a file omits them)."""
+    """A LLaVA config.json's fields that matter here (transformers' defaults where a file omits them), and the
+    image preprocessing (preprocessor_config.json beside it; None: the vision family's release default)."""
     text: GPTConfig = field(default_factory=GPTConfig)
-    vision: vision_lib.CLIPVisionConfig = field(default_factory=vision_lib.CLIPVisionConfig)
+    vision: object = field(default_factory=vision_lib.CLIPVisionConfig)  # a vision.*VisionConfig of any family
     image_token_index: int = IMAGE_TOKEN_ID
     vision_feature_layer: object = -2  # int, or a list of ints whose hidden states are concatenated
-    vision_feature_select_strategy: str = "default"  # 'default' drops the class token, 'full' keeps it
+    vision_feature_select_strategy: str = "default"  # 'default' drops the first (class) token, 'full' keeps it
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
+    preprocessing: vision_lib.Preprocessing = None
+
+    def __post_init__(self):
+        if self.preprocessing is None:
+            self.preprocessing = self.vision.preprocessing()
 
     @classmethod
     def from_dict(cls, d, where="config.json"):
@@ -688,10 +695,7 @@ class MedGPTConfig:
         if d.get("vision_config") is None:
             vision_config = vision_lib.CLIPVisionConfig()  # LlavaConfig's default tower: ViT-L/14-336
         else:
-            if d["vision_config"].get("model_type", "clip_vision_model") != "clip_vision_model":
-                raise ValueError(f"{where}: vision_config.model_type={d['vision_config'].get('model_type')!r}, "
-                                 f"expected 'clip_vision_model'")
-            vision_config = vision_lib.CLIPVisionConfig.from_hf(d["vision_config"], where)
+            vision_config = vision_lib.vision_config_from_hf(d["vision_config"], where)
         if d.get("tie_word_embeddings"):
             raise ValueError(f"{where}: tie_word_embeddings=true is not supported (gpt-oss unties them)")
         config = cls(text=GPTConfig.from_dict(text, where=f"{where} text_config"), vision=vision_config,
@@ -705,13 +709,15 @@ class MedGPTConfig:
 
     @classmethod
     def from_json(cls, path):
-        """A LLaVA directory's config.json (or the file itself)."""
+        """A LLaVA directory's config.json (or the file itself), and its preprocessor_config.json if there is one."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: expected a LLaVA-format checkpoint directory")
         with open(path) as f:
-            return cls.from_dict(json.load(f), where=path)
+            config = cls.from_dict(json.load(f), where=path)
+        config.preprocessing = vision_lib.read_preprocessing(os.path.dirname(path), config.vision)
+        return config
 
     def validate(self, where="MedGPTConfig"):
         if not 0 <= self.image_token_index < self.text.vocab_size:
@@ -737,21 +743,33 @@ class MedGPTConfig:
                 **({"dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch.")}
                    if dtype is not None else {})}
 
+    def preprocessor_dict(self):
+        """preprocessor_config.json for a LLaVA directory; None for an open_clip tower (its preprocess_cfg rides in
+        vision_config: no transformers image processor crops as torchvision does)."""
+        return None if self.preprocessing.crop_offset != "floor" else self.preprocessing.to_hf()
+
     @property
     def n_feature_layers(self):
         return 1 if isinstance(self.vision_feature_layer, int) else len(self.vision_feature_layer)
 
     @property
     def tokens_per_tile(self):
-        return self.vision.tokens_per_tile + (1 if self.vision_feature_select_strategy == "full" else 0)
+        """Patches plus class token(s), less the first token with 'default' (576 for CLIP-336, 729 for SigLIP-384)."""
+        tokens = self.vision.tokens_per_tile + self.vision.class_tokens
+        return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
 
     @classmethod
-    def from_parts(cls, lm_path, clip_path, **llava_fields):
-        """The config MedGPT.from_parts builds, from the two directories' config.json alone (no weights read):
-        the meta-device start of stage 1 (training.build_model)."""
-        vision_config = vision_lib.read_vision_config(clip_path)[0]
-        config = cls(text=GPTConfig.from_json(lm_path), vision=vision_config, **llava_fields)
-        config.validate(f"MedGPT.from_parts({lm_path!r}, {clip_path!r})")
+    def from_parts(cls, lm_path, vision_path, vision_feature_layer=None, vision_feature_select_strategy=None,
+                   **llava_fields):
+        """The config MedGPT.from_parts builds, from the directories' config files alone (no weights read): the
+        meta-device start of stage 1 (training.build_model). Feature layer and strategy: None is the family's."""
+        vision_config = vision_lib.read_vision_config(vision_path)[0]
+        config = cls(text=GPTConfig.from_json(lm_path), vision=vision_config,
+                     vision_feature_layer=vision_config.feature_layer if vision_feature_layer is None
+                     else vision_feature_layer,
+                     vision_feature_select_strategy=vision_feature_select_strategy or vision_config.select_strategy,
+                     preprocessing=vision_lib.read_preprocessing(vision_path, vision_config), **llava_fields)
+        config.validate(f"MedGPT.from_parts({lm_path!r}, {vision_path!r})")
         return config
 
 
@@ -766,12 +784,12 @@ def new_projector(config, seed, dtype=torch.float32, device="cpu"):
 
 
 class MedGPT(nn.Module):
-    """CLIP vision tower -> projector -> image features scattered into GPT-oss's token embeddings."""
+    """Vision tower -> projector -> image features scattered into GPT-oss's token embeddings."""
 
     def __init__(self, config: MedGPTConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = vision_lib.CLIPVision(config.vision)
+        self.vision_tower = vision_lib.build_tower(config.vision)
         self.multi_modal_projector = vision_lib.Projector(
             config.vision.hidden_size * config.n_feature_layers, config.text.hidden_size,
             act=config.projector_hidden_act, bias=config.multimodal_projector_bias)
@@ -855,27 +873,29 @@ class MedGPT(nn.Module):
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     @classmethod
-    def from_parts(cls, lm_path, clip_path, dtype=torch.bfloat16, device="cpu", seed=0,
-                   image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    def from_parts(cls, lm_path, vision_path, dtype=torch.bfloat16, device="cpu", seed=0,
+                   image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=None, vision_feature_select_strategy=None,
                    projector_hidden_act="gelu"):
-        """Stage-1 initialisation: a released gpt-oss directory, a released CLIP directory (CLIPModel: its
-        vision_model.*; a CLIPVisionModel or LLaVA directory works too), and a projector freshly initialised
-        (PyTorch's default Linear init, as LLaVA's) from `seed`."""
-        config = MedGPTConfig.from_parts(lm_path, clip_path, image_token_index=image_token_index,
+        """Stage-1 initialisation: a released gpt-oss directory, a released vision tower's directory (CLIP's
+        CLIPModel or CLIPVisionModel, SigLIP's SiglipModel or SiglipVisionModel, an open_clip directory such as
+        BiomedCLIP's, or a LLaVA directory), and a projector freshly initialised (PyTorch's default Linear init, as
+        LLaVA's) from `seed`. Feature layer and strategy: None takes the family's default (vision.*VisionConfig)."""
+        config = MedGPTConfig.from_parts(lm_path, vision_path, image_token_index=image_token_index,
                                          vision_feature_layer=vision_feature_layer,
                                          vision_feature_select_strategy=vision_feature_select_strategy,
                                          projector_hidden_act=projector_hidden_act)
         with torch.device("meta"):
             model = cls(config)
         model.language_model = GPT.from_pretrained(lm_path, dtype=dtype, device=device)
-        model.vision_tower = vision_lib.CLIPVision.from_pretrained(clip_path, dtype=dtype, device=device)
+        model.vision_tower = vision_lib.load_tower(vision_path, dtype=dtype, device=device)
         model.multi_modal_projector = new_projector(config, seed, dtype, device)
         return model
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
-        """A transformers LLaVA directory (gpt_oss text_config, clip_vision_model vision_config), any of the
-        checkpoint.LLAVA_LAYOUTS, experts dense or MXFP4, one or many safetensors files."""
+        """A transformers LLaVA directory (gpt_oss text_config; clip_vision_model, siglip_vision_model or our
+        open_clip_vision vision_config), any of the checkpoint.LLAVA_LAYOUTS, experts dense or MXFP4, one or many
+        safetensors files."""
         config = MedGPTConfig.from_json(path)
         with torch.device("meta"):
             model = cls(config).to(dtype)
@@ -885,8 +905,9 @@ class MedGPT(nn.Module):
 
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
         """config.json + safetensors in llava-hf's layout, split into shards of at most max_shard_bytes (with a
-        model.safetensors.index.json when there are several). dtype: None keeps the parameters' dtype."""
+        model.safetensors.index.json when there are several), and preprocessor_config.json.
+        dtype: None keeps the parameters' dtype."""
         state = self.state_dict()
         config = self.config.to_dict(dtype or next(iter(state.values())).dtype)
-        checkpoint.write_llava(state.items(), config, path, max_shard_bytes, dtype)
+        checkpoint.write_llava(state.items(), config, path, max_shard_bytes, dtype, self.config.preprocessor_dict())
 

@@ -1,10 +1,11 @@
 """
-Stage 1 of MedGPT-oss: alignment. Only the projector trains; the CLIP vision tower and the gpt-oss language
-model are frozen, so the projector learns to turn image features into something the LM reads as words.
+Stage 1 of MedGPT-oss: alignment. Only the projector trains; the vision tower and the gpt-oss language model
+are frozen, so the projector learns to turn image features into something the LM reads as words.
 
-    torchrun --nproc_per_node 8 train_stage1.py --lm_path=gpt-oss-20b --clip_path=clip-vit-large-patch14-336 \
+    torchrun --nproc_per_node 8 train_stage1.py --lm_path=gpt-oss-20b --vision_path=clip-vit-large-patch14-336 \
         --data=out/data/stage1.json
     python train_stage1.py --preset=tiny            # the demo: a tiny random model on out/demo/data, a CPU
+    python train_stage1.py --preset=tiny --arch=tiny-siglip      # the vision ablation (also tiny-biomedclip)
 
 out/data/stage1.json is what `python -m data.prepare --raw RAW --out out/data` writes from the recipe file
 data/recipes/medgpt-20b/stage1.json (the sources it found under RAW, leakage-filtered against the eval sets).
@@ -15,8 +16,8 @@ train_stage2.py and train_stage3.py on purpose: a reader sees a whole stage in o
 by copying one script. What the loop calls lives once, in training.py, zero.py and data/.
 
 Design choices
-- The model starts from the released parts (what `MedGPT.from_parts` loads): gpt-oss weights, CLIP's vision
-  tower and a freshly initialised projector, built on the meta device: each rank reads only its ZeRO-3 shard of
+- The model starts from the released parts (what `MedGPT.from_parts` loads): gpt-oss weights, a vision tower
+  (CLIP's, or SigLIP's, MedSigLIP's, BiomedCLIP's: --vision_path) and a freshly initialised projector, built on the meta device: each rank reads only its ZeRO-3 shard of
   the weights (training.parts_on_meta). `--init_from=scratch` builds a random model of `--arch` instead (the demo).
 - What trains: the projector alone (`set_trainable` below); the LM and the vision tower keep the released weights,
   so the optimizer holds state for 11.2M parameters and the step's backward stops at the projector.
@@ -46,9 +47,9 @@ from model import MedGPT
 class Stage1Config(training.TrainConfig):
     """Stage 1 (alignment): its own keys, and the 8 x B200 recipe as the defaults (preset medgpt-20b)."""
     lm_path: str = ""            # init_from=parts: a released gpt-oss directory (dense or MXFP4 experts)
-    clip_path: str = ""          # init_from=parts: a released CLIP directory (CLIPModel or CLIPVisionModel)
+    vision_path: str = ""        # init_from=parts: a released vision tower (CLIP, SigLIP, open_clip directory)
     out_dir: str = "out/stage1"
-    init_from: str = "parts"     # parts (lm_path + clip_path) | scratch (random weights of --arch)
+    init_from: str = "parts"     # parts (lm_path + vision_path) | scratch (random weights of --arch)
     arch: str = "medgpt-20b"
     data: str = "out/data/stage1.json"
     global_batch: int = 128
@@ -84,14 +85,14 @@ def build_model(cfg: Stage1Config) -> tuple:
     if cfg.init_from == "scratch":
         return MedGPT(training.arch_config(cfg.arch)), None  # random weights from the seed every rank set
     if cfg.init_from != "parts":
-        raise SystemExit(f"--init_from={cfg.init_from}: stage 1 starts from 'parts' (--lm_path, --clip_path) or "
+        raise SystemExit(f"--init_from={cfg.init_from}: stage 1 starts from 'parts' (--lm_path, --vision_path) or "
                          f"'scratch'")
-    if not cfg.lm_path or not cfg.clip_path:
-        raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and --clip_path=<CLIP dir> "
-                         "(or --preset=tiny to try it on a CPU)")
+    if not cfg.lm_path or not cfg.vision_path:
+        raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and --vision_path=<vision "
+                         "tower dir: CLIP, SigLIP or open_clip> (or --preset=tiny to try it on a CPU)")
     if cfg.sharding == "fsdp2" or not cfg.sharded_init:
-        return MedGPT.from_parts(cfg.lm_path, cfg.clip_path, dtype=torch.float32, seed=cfg.seed), None
-    return training.parts_on_meta(cfg.lm_path, cfg.clip_path, cfg.seed)
+        return MedGPT.from_parts(cfg.lm_path, cfg.vision_path, dtype=torch.float32, seed=cfg.seed), None
+    return training.parts_on_meta(cfg.lm_path, cfg.vision_path, cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,7 +172,8 @@ def main(argv):
     training.check_batch(cfg.global_batch, cfg.micro_batch, run.world_size, cfg.seq_len)
     loader = DataLoader(dataset, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch,
                         micro_batch_size=cfg.micro_batch, seed=cfg.seed, rank=run.rank, world_size=run.world_size,
-                        packing=False, max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size)
+                        packing=False, max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size,
+                        preprocessing=model.config.preprocessing)
 
     fm = training.flops_model(model)  # before ZeRO3 takes the parameters' storage
     engine = training.build_engine(cfg, model, run, load)

@@ -201,9 +201,10 @@ def flops_model(model) -> dict:
     lm = model.language_model.config
     vc = model.config.vision
     used = vision_blocks_used(model)
-    vision_params = sum(p.numel() for p in model.vision_tower.embeddings.parameters()) \
-        + sum(p.numel() for b in model.vision_tower.encoder.layers[:used] for p in b.parameters())
-    n_vis = vc.tokens_per_tile + 1  # patches + class token
+    tower = model.vision_tower
+    unused = {id(p) for m in list(tower.blocks[used:]) + tower.unused_modules() for p in m.parameters()}
+    vision_params = sum(p.numel() for p in tower.parameters() if id(p) not in unused)  # what the forward uses
+    n_vis = vc.tokens_per_tile + vc.class_tokens  # patches + class token (CLIP, BiomedCLIP; none in SigLIP)
     projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
     train_vision, train_projector = trains(model.vision_tower), trains(model.multi_modal_projector)
     train_lm = trains(model.language_model)
@@ -411,17 +412,16 @@ def vision_blocks_used(model) -> int:
 
 
 def freeze_unused(model):
-    """Parameters that no forward uses (vision blocks after the feature layer, CLIP's post_layernorm) are frozen,
-    so they carry no optimizer state, take no weight decay and stay as loaded."""
-    for block in model.vision_tower.encoder.layers[vision_blocks_used(model):]:
-        block.requires_grad_(False)
-    model.vision_tower.post_layernorm.requires_grad_(False)
+    """Parameters that no forward uses (vision blocks after the feature layer, the tower's post-norm and pooling
+    head) are frozen, so they carry no optimizer state, take no weight decay and stay as loaded."""
+    for module in list(model.vision_tower.blocks[vision_blocks_used(model):]) + model.vision_tower.unused_modules():
+        module.requires_grad_(False)
 
 
 def zero_units(model) -> list:
     """The submodules ZeRO3 gathers one at a time, in forward order: vision blocks that run, the projector, the
     GPT blocks. The rest (embeddings, norms, lm_head, unused vision blocks) is the root unit."""
-    vision_blocks = list(model.vision_tower.encoder.layers[:vision_blocks_used(model)])
+    vision_blocks = list(model.vision_tower.blocks[:vision_blocks_used(model)])
     return vision_blocks + [model.multi_modal_projector] + list(model.language_model.model.layers)
 
 
@@ -471,15 +471,15 @@ def llava_on_meta(path: str) -> tuple:
     return model, checkpoint.llava_reader(model, path)
 
 
-def parts_on_meta(lm_path: str, clip_path: str, seed: int) -> tuple:
+def parts_on_meta(lm_path: str, vision_path: str, seed: int) -> tuple:
     """(MedGPT on the meta device, reader) for stage 1's parts, what MedGPT.from_parts loads: language-model
-    names from the gpt-oss directory (dense or MXFP4), vision-tower names from the CLIP directory (CLIPModel,
-    CLIPVisionModel or LLaVA layout), the projector freshly initialised from `seed` (model.new_projector: the
-    same values on every rank and as from_parts)."""
-    config = MedGPTConfig.from_parts(lm_path, clip_path)
+    names from the gpt-oss directory (dense or MXFP4), vision-tower names from the vision directory (CLIP, SigLIP,
+    open_clip or LLaVA layout), the projector freshly initialised from `seed` (model.new_projector: the same
+    values on every rank and as from_parts)."""
+    config = MedGPTConfig.from_parts(lm_path, vision_path)
     model = meta_model(config)
     projector = new_projector(config, seed)
-    return model, checkpoint.parts_reader(model, lm_path, clip_path, projector.state_dict())
+    return model, checkpoint.parts_reader(model, lm_path, vision_path, projector.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
             pass
         barrier()
         return path
-    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path)
+    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path, preprocessor=model.config.preprocessor_dict())
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
     barrier()
@@ -564,21 +564,34 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
 # Architectures and the dry run
 
 
+# The vision ablation of the paper's Fig. 1: each family's tower, random weights, in the tiny demo's size
+TINY_TOWERS = {
+    "tiny": vision.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                                    num_attention_heads=4, image_size=112, patch_size=14),
+    "tiny-siglip": vision.SiglipVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=112, patch_size=14),
+    # open_clip builds timm's named ViTs only: the smallest, vit_tiny (192 wide, 12 blocks, 196 tokens at 224 px)
+    "tiny-biomedclip": vision.OpenCLIPVisionConfig(hidden_size=192, intermediate_size=768, num_attention_heads=3,
+                                                   timm_model_name="vit_tiny_patch16_224"),
+}
+
+
 def arch_config(name: str):
     """MedGPTConfig of an architecture: 'medgpt-20b' (CLIP ViT-L/14-336 + gpt-oss-20b) or 'tiny' (a CPU-sized
-    model that keeps the real 201088-token vocabulary, so the real o200k_harmony tokenizer works)."""
+    model that keeps the real 201088-token vocabulary, so the real o200k_harmony tokenizer works); 'tiny-siglip'
+    and 'tiny-biomedclip' swap the tiny CLIP tower for another family's (random weights)."""
     if name == "medgpt-20b":
         return MedGPTConfig(text=GPTConfig.preset("gpt-oss-20b"), vision=vision.CLIPVisionConfig())
-    if name == "tiny":
+    if name in TINY_TOWERS:
         # GPTConfig's tiny, narrowed to 64: the 201088-row unembedding dominates a CPU step, its cost is linear in it.
         # 4 layers and a 128-token window (tiny's 16 hides a question from the answer in the sliding layers) let
         # the answer see the question and the image in more than one layer; depth is cheap next to the vocabulary.
         text = GPTConfig.preset("tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=16, num_hidden_layers=4, sliding_window=128)
-        tower = vision.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                                        num_attention_heads=4, image_size=112, patch_size=14)
-        return MedGPTConfig(text=text, vision=tower)
-    raise SystemExit(f"--arch={name}: expected tiny or medgpt-20b")
+        tower = TINY_TOWERS[name]
+        return MedGPTConfig(text=text, vision=tower, vision_feature_layer=tower.feature_layer,
+                            vision_feature_select_strategy=tower.select_strategy)
+    raise SystemExit(f"--arch={name}: expected medgpt-20b or one of {sorted(TINY_TOWERS)}")
 
 
 def meta_model(config):

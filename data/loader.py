@@ -38,10 +38,11 @@ from .packing import pack, packed_row, truncate_all
 from .tokenizer import ENDOFTEXT, load_tokenizer
 
 
-def load_tiles(path, max_tiles, image_size) -> torch.Tensor:
-    """Decode and preprocess one image -> (n_tiles, 3, S, S). Runs in a worker (thread or process)."""
+def load_tiles(path, max_tiles, image_size, preprocessing=None) -> torch.Tensor:
+    """Decode and preprocess one image -> (n_tiles, 3, S, S). Runs in a worker (thread or process).
+    preprocessing: the vision tower's (vision.Preprocessing); None is CLIP's at image_size."""
     with Image.open(path) as image:
-        return vision.image_to_tiles(image, max_tiles=max_tiles, size=image_size)
+        return vision.image_to_tiles(image, max_tiles=max_tiles, size=image_size, preprocessing=preprocessing)
 
 
 def epoch_members(parts, kept, seed, epoch) -> list:
@@ -68,7 +69,7 @@ class DataLoader:
 
     def __init__(self, dataset, *, seq_len, global_batch_size, micro_batch_size, seed=0, rank=0, world_size=1,
                  packing=False, max_tiles=1, image_size=336, num_workers=2, workers="thread", prefetch=2,
-                 pad_id=ENDOFTEXT, load_images=True):
+                 pad_id=ENDOFTEXT, load_images=True, preprocessing=None):
         per_rank, rest = divmod(global_batch_size, world_size)
         if rest or per_rank % micro_batch_size:
             raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of world_size {world_size} "
@@ -78,6 +79,7 @@ class DataLoader:
         self.rank, self.world_size, self.per_rank = rank, world_size, per_rank
         self.grad_accum = per_rank // micro_batch_size
         self.packing, self.max_tiles, self.image_size = packing, max_tiles, image_size
+        self.preprocessing = preprocessing  # the tower's vision.Preprocessing; None: CLIP's
         self.pad_id, self.load_images, self.prefetch = pad_id, load_images, prefetch
         # over-long samples: cut where safe or dropped, counted in this loader's report (which also lists
         # the records the data set skipped); several loaders (one per seq_len phase) may share a data set
@@ -177,7 +179,8 @@ class DataLoader:
         for micro_rows in self.rank_rows(step):
             batch, images = self.collate(micro_rows)
             if self.load_images and self.pool is not None:
-                futures = [self.pool.submit(load_tiles, path, self.max_tiles, self.image_size) for path, _, _ in images]
+                futures = [self.pool.submit(load_tiles, path, self.max_tiles, self.image_size, self.preprocessing)
+                           for path, _, _ in images]
             else:
                 futures = None
             jobs.append((batch, images, futures))
@@ -189,7 +192,8 @@ class DataLoader:
         tiles = []
         for k, (path, n_tiles, source) in enumerate(images):
             try:
-                t = futures[k].result() if futures is not None else load_tiles(path, self.max_tiles, self.image_size)
+                t = futures[k].result() if futures is not None \
+                    else load_tiles(path, self.max_tiles, self.image_size, self.preprocessing)
             except Exception as e:
                 raise DataError(f"{source}: cannot decode image {path}: {type(e).__name__}: {e}") from None
             if t.shape[0] != n_tiles:

@@ -31,10 +31,10 @@ def peak_rss_bytes():
 
 
 def case_config(case: dict) -> train_stage1.Stage1Config:
-    """Stage 1's config (its keys are the common ones plus lm_path and clip_path), beta2 and checkpointing as
+    """Stage 1's config (its keys are the common ones plus lm_path and vision_path), beta2 and checkpointing as
     training.TrainConfig's defaults."""
     return train_stage1.Stage1Config(init_from=case["init_from"], lm_path=case.get("lm_path", ""),
-                                     clip_path=case.get("clip_path", ""), dtype=case.get("dtype", "float32"),
+                                     vision_path=case.get("vision_path", ""), dtype=case.get("dtype", "float32"),
                                      lr=1e-2, weight_decay=0.1, grad_clip=1.0, seed=1337, beta2=0.95,
                                      activation_checkpointing=False, router_aux_loss_coef=0.01)
 
@@ -106,7 +106,7 @@ def memory(args, run):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["compare", "memory"], required=True)
-    parser.add_argument("--cases", required=True, help="JSON list of {name, stage, init_from, lm_path, clip_path, "
+    parser.add_argument("--cases", required=True, help="JSON list of {name, stage, init_from, lm_path, vision_path, "
                                                        "dtype}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tag", required=True)

@@ -63,7 +63,7 @@ def test_checkpoint_files_of_one_file_a_directory_and_a_bin(tmp_path):
 def test_checkpoint_files_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint file or directory"):
         checkpoint.checkpoint_files(tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match=r"no model.safetensors.index.json, \*.safetensors or pytorch_model"):
+    with pytest.raises(FileNotFoundError, match=r"\*.safetensors, pytorch_model.bin or open_clip"):
         checkpoint.checkpoint_files(tmp_path)
     tiny_clip().save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -134,8 +134,9 @@ def test_vision_tower_found_in_a_clip_model(tmp_path):
                            image_size=56, patch_size=14), projection_dim=16)
     clip = transformers.CLIPModel(config)
     clip.save_pretrained(tmp_path)
-    tower, prefixes = checkpoint.clip_vision_config(str(tmp_path))
-    assert (tower["hidden_size"], tower["image_size"], prefixes) == (64, 56, ["vision_model."])
+    tower, prefixes, _ = checkpoint.vision_tower_config(str(tmp_path))
+    assert (tower["model_type"], tower["hidden_size"], tower["image_size"], prefixes) == \
+        ("clip_vision_model", 64, 56, ["vision_model."])
     state = checkpoint.load_prefixed(str(tmp_path), prefixes)
     want = clip.vision_model.state_dict()
     assert set(state) == set(want)

@@ -207,6 +207,47 @@ def test_from_parts_keeps_both_towers_exactly(tmp_path):
         assert_rel_close(ours(ids, pixels)[0], ref(input_ids=ids, pixel_values=pixels).logits)
 
 
+@pytest.mark.parametrize("full_siglip_model", [False, True])
+def test_from_parts_with_siglip_saves_llava_that_transformers_loads(tmp_path, full_siglip_model):
+    """Stage 1 from a SigLIP tower (a SiglipVisionModel, or a full SiglipModel as google releases them): the
+    composite saved in LLaVA format gives transformers' LlavaForConditionalGeneration the same logits."""
+    torch.manual_seed(9)
+    config = tiny_llava_config()
+    transformers.GptOssForCausalLM(config.text_config).save_pretrained(tmp_path / "lm")
+    tower = transformers.SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=TILE, patch_size=14)
+    if full_siglip_model:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                    pad_token_id=1, bos_token_id=None, eos_token_id=1)
+        siglip = transformers.SiglipModel(transformers.SiglipConfig(vision_config=tower.to_dict(), text_config=text))
+    else:
+        siglip = transformers.SiglipVisionModel(tower)
+    with torch.no_grad():  # transformers inits biases and norms to constants: randomise so they count
+        for p in siglip.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    siglip.save_pretrained(tmp_path / "siglip")
+    transformers.SiglipImageProcessorPil(size={"height": TILE, "width": TILE}).save_pretrained(tmp_path / "siglip")
+    ours = M.MedGPT.from_parts(tmp_path / "lm", tmp_path / "siglip", dtype=torch.float32, seed=3,
+                               image_token_index=IMAGE_TOKEN).eval()
+    assert (ours.config.vision_feature_layer, ours.config.vision_feature_select_strategy) == (-2, "full")
+    assert ours.tokens_per_tile == TPT and not ours.config.preprocessing.crop  # no class token; squashed, no crop
+    ours.save_pretrained(tmp_path / "llava")
+    saved = json.loads((tmp_path / "llava" / "config.json").read_text())
+    assert saved["vision_config"]["model_type"] == "siglip_vision_model" and saved["image_seq_length"] == TPT
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava",
+                                                                     attn_implementation="eager").eval()
+    assert type(ref.model.vision_tower).__name__ == "SiglipVisionModel"
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "llava")
+    assert type(processor).__name__.startswith("SiglipImageProcessor") and processor.size["height"] == TILE
+    ids, pixels = batch(LAYOUT, seed=9)
+    with torch.no_grad():
+        logits = ours(ids, pixels)[0]
+        assert_rel_close(logits, ref(input_ids=ids, pixel_values=pixels).logits)
+        back = M.MedGPT.from_pretrained(tmp_path / "llava", dtype=torch.float32)
+        assert back.config.preprocessing == ours.config.preprocessing
+        assert torch.equal(back(ids, pixels)[0], logits)
+
+
 def test_generate_with_images_matches_transformers(saved_reference):
     ref, path = saved_reference
     ours = M.MedGPT.from_pretrained(path, dtype=torch.float32)

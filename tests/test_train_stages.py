@@ -138,6 +138,28 @@ def test_dry_run_of_the_20b_recipe_matches_transformers_counts():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch, family", [("tiny-siglip", "siglip_vision_model"),
+                                          ("tiny-biomedclip", "open_clip_vision")])
+def test_stage1_vision_ablation_runs_end_to_end(data_dir, tmp_path, arch, family):
+    """The tiny demo's stage 1 with another vision family (random weights): trains, saves LLaVA format with that
+    tower and its preprocessing, and loads back with the same logits."""
+    import model as M
+    import training
+    out = str(tmp_path)
+    run_script("train_stage1.py", f"--arch={arch}", f"--data={data_dir}/captions.jsonl", f"--out_dir={out}",
+               "--max_steps=4", "--global_batch=4", "--micro_batch=2", "--lr=1e-2", "--log_every=1", "--seq_len=256")
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 4 and all(np.isfinite(losses)), losses
+    config = json.loads(open(f"{out}/final/config.json").read())
+    assert config["vision_config"]["model_type"] == family
+    loaded = M.MedGPT.from_pretrained(f"{out}/final", dtype=torch.float32)
+    want = training.arch_config(arch)
+    assert loaded.config.vision == want.vision and loaded.config.preprocessing == want.preprocessing
+    assert loaded.tokens_per_tile == want.tokens_per_tile == {"tiny-siglip": 64, "tiny-biomedclip": 196}[arch]
+    assert os.path.isfile(f"{out}/final/preprocessor_config.json") == (arch == "tiny-siglip")
+
+
+@pytest.mark.slow
 def test_three_stages_chain_and_loss_falls(data_dir, tmp_path):
     """Stage 1 from scratch -> 2 -> 3, each from the previous final/; the loss falls in each; the final model
     is LLaVA format that transformers reads with our logits."""
@@ -265,7 +287,9 @@ def to_mxfp4(src, dst, seed=0):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Released-format parts written by transformers: a dense and an MXFP4 gpt-oss directory; CLIP as a CLIPModel
-    (safetensors and pytorch_model.bin) and as a CLIPVisionModel; a LLaVA directory written by transformers."""
+    (safetensors and pytorch_model.bin) and as a CLIPVisionModel; SigLIP as a full SiglipModel (google's release
+    layout); BiomedCLIP's open_clip layout (open_clip_config.json + open_clip_pytorch_model.bin); a LLaVA directory
+    written by transformers."""
     import transformers
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
@@ -286,13 +310,28 @@ def parts(tmp_path_factory):
                                             text_config=tiny_gpt_oss_config(vocab_size=128), image_token_index=120)
     llava = randomise(transformers.LlavaForConditionalGeneration(llava_config), 4)
     llava.save_pretrained(root / "llava")
-    return {"root": root, "lm": lm, "mxfp4": mxfp4, "clip": clip, "tower": tower, "llava": llava}
+    siglip = randomise(transformers.SiglipModel(transformers.SiglipConfig(
+        vision_config=TINY_CLIP, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=4, vocab_size=99, pad_token_id=1,
+                                                  bos_token_id=None, eos_token_id=1))), 5)
+    siglip.save_pretrained(root / "siglip")
+    import vision
+    from test_vision_families import write_open_clip_dir
+    open_clip_config = {"model_cfg": {"embed_dim": 32, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224",
+                                                                      "timm_pool": "", "timm_proj": "linear"}}}
+    torch.manual_seed(6)
+    with torch.device("meta"):
+        shapes = vision.OpenCLIPVision(vision.OpenCLIPVisionConfig.from_hf(open_clip_config)).state_dict()
+    biomedclip = {name: torch.randn(t.shape) * 0.05 for name, t in shapes.items()}
+    write_open_clip_dir(root / "biomedclip", open_clip_config, biomedclip, torch_file=True)
+    return {"root": root, "lm": lm, "mxfp4": mxfp4, "clip": clip, "tower": tower, "llava": llava,
+            "siglip": siglip.vision_model.state_dict(), "biomedclip": biomedclip}
 
 
 def init_case(name, stage, parts_root=None, lm=None, clip=None, init_from="parts", dtype="float32"):
     case = {"name": name, "stage": stage, "init_from": init_from, "dtype": dtype}
     if lm:
-        case.update(lm_path=str(parts_root / lm), clip_path=str(parts_root / clip))
+        case.update(lm_path=str(parts_root / lm), vision_path=str(parts_root / clip))
     return case
 
 
@@ -316,7 +355,8 @@ def training_run():
     return training.Run(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("lm, clip", [("lm", "clip"), ("lm_mxfp4", "clip_vision"), ("lm", "clip_bin")])
+@pytest.mark.parametrize("lm, clip", [("lm", "clip"), ("lm_mxfp4", "clip_vision"), ("lm", "clip_bin"),
+                                     ("lm", "siglip"), ("lm_mxfp4", "biomedclip")])
 def test_stage1_sharded_init_equals_from_parts_and_transformers(parts, lm, clip):
     built = built_params(init_case("s1", 1, parts["root"], lm, clip))
     (whole, whole_info, _), (sharded, sharded_info, model) = built[False], built[True]
@@ -330,8 +370,11 @@ def test_stage1_sharded_init_equals_from_parts_and_transformers(parts, lm, clip)
         want = parts["mxfp4"].get(name, tensor) if lm == "lm_mxfp4" else tensor
         want = want if name in parts["mxfp4"] or lm == "lm" else want.to(torch.bfloat16).float()
         assert torch.equal(sharded["language_model." + name], want), name
-    tower = parts["tower"] if clip == "clip_vision" else parts["clip"].vision_model  # transformers 5: no prefix
-    for name, tensor in tower.state_dict().items():
+    towers = {"clip_vision": parts["tower"].state_dict(), "siglip": parts["siglip"],
+              "biomedclip": parts["biomedclip"]}  # transformers 5's CLIPVisionModel: no prefix
+    tower = towers.get(clip, parts["clip"].vision_model.state_dict())
+    assert {n.removeprefix("vision_tower.") for n in sharded if n.startswith("vision_tower.")} == set(tower)
+    for name, tensor in tower.items():
         assert torch.equal(sharded["vision_tower." + name], tensor), name
 
 
@@ -366,7 +409,8 @@ def test_sharded_init_errors_name_the_file_and_tensor(parts, stage1_model, tmp_p
     import train_stage1
     import training
     from train_stage1 import Stage1Config
-    cfg = Stage1Config(init_from="parts", lm_path=str(parts["root"] / "lm_mxfp4"), clip_path=str(parts["root"] / "clip"))
+    cfg = Stage1Config(init_from="parts", lm_path=str(parts["root"] / "lm_mxfp4"),
+                       vision_path=str(parts["root"] / "clip"))
     key = "language_model.model.layers.1.self_attn.sinks"
     missing = edited_copy(stage1_model, tmp_path / "missing", lambda t: t.pop(key))
     with pytest.raises(ValueError, match=rf"{missing}: .*missing tensors \['{key}'\]"):
@@ -384,11 +428,11 @@ def test_sharded_init_errors_name_the_file_and_tensor(parts, stage1_model, tmp_p
     bad_lm = edited_copy(cfg.lm_path, tmp_path / "bad_lm", lambda t: t.update({scales: t[scales][:-1].clone()}))
     with pytest.raises(ValueError, match=rf"{bad_lm}/model.safetensors: tensor {scales} is U8 \(3, 64, 1\), "
                                          rf"expected U8 \(4, 64, 1\)"):
-        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=bad_lm, clip_path=cfg.clip_path))
+        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=bad_lm, vision_path=cfg.vision_path))
     fc = "vision_model.encoder.layers.0.mlp.fc2.bias"
-    bad_clip = edited_copy(cfg.clip_path, tmp_path / "bad_clip", lambda t: t.pop(fc))
+    bad_clip = edited_copy(cfg.vision_path, tmp_path / "bad_clip", lambda t: t.pop(fc))
     with pytest.raises(ValueError, match=rf"{bad_clip}: .*missing tensors \['{fc}'\]"):
-        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=cfg.lm_path, clip_path=bad_clip))
+        train_stage1.build_model(Stage1Config(init_from="parts", lm_path=cfg.lm_path, vision_path=bad_clip))
     # fsdp2 is a reference path: the whole model, and no meta-device start
     model, load = training.start_from_llava(training.TrainConfig(init_from=stage1_model, sharding="fsdp2"))
     assert load is None and not any(p.is_meta for p in model.parameters())
@@ -420,9 +464,9 @@ def test_meta_model_materialises_what_init_computes(monkeypatch):
 def test_clip_config_without_weights_equals_the_loaders(parts):
     import model as M
     import vision
-    for name in ("clip", "clip_bin", "clip_vision", "llava"):
+    for name in ("clip", "clip_bin", "clip_vision", "llava", "siglip", "biomedclip"):
         path = str(parts["root"] / name)
-        assert vision.read_vision_config(path)[0] == vision.CLIPVision.from_pretrained(path).config, name
+        assert vision.read_vision_config(path)[0] == vision.load_tower(path).config, name
 
 
 def launch_worker(mode, cases, out, tag, nproc=2, **extra):
@@ -468,7 +512,7 @@ def test_stage1_script_starts_sharded_from_mxfp4_parts(parts, data_dir, tmp_path
     from model import MedGPT
     lm_path, clip_path = f"{parts['root']}/lm_mxfp4", f"{parts['root']}/clip"
     wait_all(launch_ranks("train_stage1.py", [f"--data={data_dir}/captions.jsonl", "--init_from=parts",
-                                              f"--lm_path={lm_path}", f"--clip_path={clip_path}", "--seed=5",
+                                              f"--lm_path={lm_path}", f"--vision_path={clip_path}", "--seed=5",
                                               "--max_steps=0", "--global_batch=4", "--micro_batch=2", "--seq_len=64",
                                               "--dtype=float32", f"--out_dir={tmp_path}"]))
     saved = final_weights(str(tmp_path))

@@ -42,7 +42,7 @@ def test_bad_overrides_say_what_is_wrong(arg, message):
 
 
 @pytest.mark.parametrize("stage, key", [(1, "--system_prompt=hi"), (1, "--seq_len_schedule=0:8"),
-                                        (1, "--train_vision=true"), (2, "--clip_path=x"), (2, "--system_prompt=hi"),
+                                        (1, "--train_vision=true"), (2, "--vision_path=x"), (2, "--system_prompt=hi"),
                                         (3, "--lm_path=x"), (3, "--seq_len_schedule=0:8")])
 def test_a_key_of_another_stage_is_an_error(stage, key):
     """A stage-specific option that this stage does not use stops the run (it would be silently ignored)."""
