@@ -904,6 +904,7 @@ class Encoder:
             self.image_token_id = model.image_token_id
             self.tokens_per_tile = model.tokens_per_tile
             self.image_size = model.vision_tower.config.image_size
+            self.preprocessing = model.config.preprocessing  # the vision tower's own (CLIP, SigLIP, open_clip)
 
     def image_token_counts(self, item):
         """Image tokens each image of the prompt gets (tiles x tokens per tile), read from the image headers."""
@@ -941,7 +942,8 @@ class Encoder:
         tiles = []
         for path in paths:
             with Image.open(path) as image:
-                tiles.append(vision.image_to_tiles(image, self.max_tiles, self.image_size))
+                tiles.append(vision.image_to_tiles(image, self.max_tiles, self.image_size,
+                                                   preprocessing=self.preprocessing))
         return torch.cat(tiles)   # (sum of tiles, 3, S, S)
 
 

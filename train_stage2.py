@@ -199,7 +199,8 @@ def main(argv):
     def loader_for(seq_len, rows, phase):
         return DataLoader(dataset, seq_len=seq_len, global_batch_size=rows, micro_batch_size=cfg.micro_batch,
                           seed=cfg.seed + 1000 * phase, rank=run.rank, world_size=run.world_size, packing=True,
-                          max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size)
+                          max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size,
+                          preprocessing=model.config.preprocessing)
 
     fm = training.flops_model(model)  # before ZeRO3 takes the parameters' storage
     engine = training.build_engine(cfg, model, run, load)

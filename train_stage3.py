@@ -147,7 +147,8 @@ def main(argv):
     training.check_batch(cfg.global_batch, cfg.micro_batch, run.world_size, cfg.seq_len)
     loader = DataLoader(dataset, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch,
                         micro_batch_size=cfg.micro_batch, seed=cfg.seed, rank=run.rank, world_size=run.world_size,
-                        packing=False, max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size)
+                        packing=False, max_tiles=cfg.max_tiles, image_size=model.config.vision.image_size,
+                        preprocessing=model.config.preprocessing)
 
     fm = training.flops_model(model)  # before ZeRO3 takes the parameters' storage
     engine = training.build_engine(cfg, model, run, load)
