@@ -304,8 +304,9 @@ def decode_weights(gpt):
 def decode_step(gpt, weights, x, position_ids, caches):
     """Every block of a model.GPT for one new position per row: Block.forward's math in as few torch ops as
     possible, since decoding a small model on a CPU is bound by the number of ops, not by FLOPs. The norms and
-    the experts are the model's own modules (so they go through fused.py's torch path); attention, RoPE and the
-    products are this module's forms of the same math.
+    the experts are the model's own modules' forward (so they go through fused.py's torch path; called as
+    .forward, since nn.Module's __call__ bookkeeping is a measurable share of a one-token step and no hook runs
+    here); attention, RoPE and the products are this module's forms of the same math.
     x (B, H) the new tokens' embeddings; position_ids (1,) or (B, 1); weights from decode_weights(gpt); caches
     the model's KVCaches after the prompt. Returns the final-normed hidden states (B, H)."""
     c = gpt.config
@@ -314,13 +315,13 @@ def decode_step(gpt, weights, x, position_ids, caches):
     tables = rope_tables(cos, sin, x.dtype)  # shared by every layer
     for block, cache, (qkv_w, qkv_b, o_w, o_b, router_w) in zip(gpt.model.layers, caches, weights.layers):
         attn, router, experts = block.self_attn, block.mlp.router, block.mlp.experts
-        h = block.input_layernorm(x)
+        h = block.input_layernorm.forward(x)
         qkv = rows_matmul(h, qkv_w, qkv_b).view(B, 1, nh + 2 * nkv, hd)  # (B, 1, nh + 2 nkv, hd)
         qk = apply_rope_tables(qkv[:, :, :nh + nkv], tables)  # query and key heads rotated at once
         k, v, key_mask = cache.update(qk[:, :, nh:], qkv[:, :, nh + nkv:])  # (B, S, nkv, hd)
         y = attention_one_query(qk[:, :, :nh], k, v, attn.sinks, window=attn.window, key_mask=key_mask)
         x = x + rows_matmul(y.reshape(B, nh * hd), o_w, o_b)  # (B, 1, nh, hd) -> (B, nh * hd) -> (B, H)
-        h = block.post_attention_layernorm(x)
+        h = block.post_attention_layernorm.forward(x)
         top_logits, top_idx = torch.topk(rows_matmul(h, router_w, router.bias), router.top_k, dim=-1)
-        x = x + experts(h, top_idx, torch.softmax(top_logits, dim=-1), decoding=True)  # (B, K) routing -> (B, H)
-    return gpt.model.norm(x)
+        x = x + experts.forward(h, top_idx, torch.softmax(top_logits, dim=-1), decoding=True)  # (B, K) -> (B, H)
+    return gpt.model.norm.forward(x)
