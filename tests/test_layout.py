@@ -2,8 +2,8 @@
 The repository's layout rules, checked on the source tree.
 
 - No top-level module or package of the project has the import name of a package users of this field install:
-  run from the project root, the project's file would be imported in its place (a `kernels.py` here made
-  transformers' `from kernels import ...` fail: GptOssForCausalLM.from_pretrained could not load a checkpoint).
+  run from the project root, the project's file would be imported in its place (a `kernels.py` in the root makes
+  transformers' `from kernels import ...` fail, so GptOssForCausalLM.from_pretrained cannot load a checkpoint).
   Checked against a list of such packages (most are not installed here) and against every top-level name the
   installed distributions provide.
 - The project's own modules are imported at the top of each module, never inside a function (tests excepted):
