@@ -5,7 +5,7 @@ Design choices
 - Module and parameter names are transformers' (`model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.experts.gate_up_proj`,
   `lm_head`, ...), so `state_dict()` maps 1:1 onto a Hugging Face gpt-oss checkpoint with no renaming table.
   Expert weights keep transformers' `x @ W` layout: gate_up_proj (E, H, 2I), down_proj (E, I, H).
-- Every heavy op goes through kernels.py (rms_norm, apply_rope, attention, swiglu/moe_experts, linear_cross_entropy):
+- Every heavy op goes through fused.py (rms_norm, apply_rope, attention, swiglu/moe_experts, linear_cross_entropy):
   that is the MEDGPT_KERNELS seam, so this file never knows whether Triton or plain torch ran.
 - GPTConfig is one flat dataclass whose fields are config.json's field names; from_json/to_json read the released
   format (rope_scaling + rope_theta) and transformers' newer one (rope_parameters), and write the newer one.
@@ -15,11 +15,11 @@ Design choices
   checkpoint.py's: from_pretrained reads config.json, builds the model on the meta device, allocates it and lets
   checkpoint.py stream the tensors in (peak memory: the model plus about one tensor).
 - Generation: KV caches allocated once and written in place: every position for full-attention layers, a ring of
-  `window` slots for sliding ones (memory bounded by the window). After the prompt, each new token goes through
-  GPT.decode_step: the blocks' math for one position in as few ops as possible, with q/k/v fused and the weights it
-  multiplies by copied once per generate() into the (in, out) layout that one-row products read fastest on a CPU.
+  `window` slots for sliding ones (memory bounded by the window). The prompt, then each new token, go through the
+  blocks' own forward with the cache. Beside it, clearly marked, a CPU fast path (fused_cpu.decode_step: the same
+  math for one position in fewer ops, tested equal to the blocks' forward) decodes on a CPU with the torch path.
   Prompts of different lengths are LEFT-padded (see GPT.generate).
-- Training: the loss is computed by kernels.linear_cross_entropy from the final hidden states (no (B, T, V) logits);
+- Training: the loss is computed by fused.linear_cross_entropy from the final hidden states (no (B, T, V) logits);
   in training mode router_aux_loss_coef * load-balancing loss (Switch style, as transformers computes it) is added.
 """
 import json
@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-import kernels
+import fused
+import fused_cpu
 import vision as vision_lib
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -280,11 +281,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hd)
-        q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
+        q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
         key_mask = None
         if cache is not None:
             k, v, key_mask = cache.update(k, v)  # (B, S, nkv, hd): the cached keys, then these T
-        y = kernels.attention(q, k, v, self.sinks, window=self.window, doc_ids=doc_ids, key_mask=key_mask)
+        y = fused.attention(q, k, v, self.sinks, window=self.window, doc_ids=doc_ids, key_mask=key_mask)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, nh * hd) -> (B, T, H)
 
 
@@ -314,9 +315,10 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
 
-    def forward(self, x, top_idx, top_weight):
-        return kernels.moe_experts(x, top_idx, top_weight, self.gate_up_proj, self.gate_up_proj_bias,
-                                   self.down_proj, self.down_proj_bias, self.limit, self.alpha)
+    def forward(self, x, top_idx, top_weight, decoding=False):
+        """decoding=True: a few new tokens without autograd (fused.moe_experts_torch may then go slot by slot)."""
+        return fused.moe_experts(x, top_idx, top_weight, self.gate_up_proj, self.gate_up_proj_bias,
+                                 self.down_proj, self.down_proj_bias, self.limit, self.alpha, decoding=decoding)
 
 
 class MLP(nn.Module):
@@ -490,8 +492,8 @@ class GPT(nn.Module):
         if scored.numel() == 0:  # nothing to score: a zero that keeps the graph (a mean over none would be nan),
             ce = (x.sum() + self.lm_head.weight.sum()) * 0.0  # lm_head in it too, so every rank sees the same grads
         else:
-            ce = kernels.linear_cross_entropy(x.reshape(B * T, H)[scored], self.lm_head.weight,  # (n, H), (V, H)
-                                              flat_targets[scored])  # (n,)
+            ce = fused.linear_cross_entropy(x.reshape(B * T, H)[scored], self.lm_head.weight,  # (n, H), (V, H)
+                                            flat_targets[scored])  # (n,)
         loss, aux = ce, None
         if self.training and self.config.router_aux_loss_coef:
             aux = load_balancing_loss(router_logits, self.config.num_local_experts, self.config.num_experts_per_tok)
@@ -528,7 +530,7 @@ class GPT(nn.Module):
                 for i in range(c.num_hidden_layers)]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_tokens=None, inputs_embeds=None,
-                 prompt_lens=None, generator=None):
+                 prompt_lens=None, generator=None, cpu_fast_path=True):
         """Sample max_new_tokens after the prompt with a KV cache; temperature=0.0 is greedy.
 
         idx (B, T) prompt ids; or inputs_embeds (B, T, H) for the prompt (MedGPT's image features), with idx the ids to
@@ -538,17 +540,20 @@ class GPT(nn.Module):
         positions count from each row's first real token, so every row gets the tokens it would get alone.
         stop_tokens: ids that end a row (None = never stop early); a finished row is filled with config.pad_token_id
         (or its stop token when that is None), and generation ends when every row has finished.
+        cpu_fast_path: on a CPU with the torch path, decode with fused_cpu.decode_step (False: every new token through
+        the blocks' forward, the path the fast one is tested against).
         Returns (B, T + n) LongTensor, the new tokens in [:, T:], n <= max_new_tokens.
         """
-        # inference mode, not just no_grad: torch skips version counters and view tracking, ~13% of a decoded
-        # token's time at the bench's size (2.62 -> 2.28 ms). Its tensors cannot be changed in place or saved for
-        # backward outside it, so the caller gets an ordinary copy of the ids.
+        # inference mode, not just no_grad: torch skips version counters and view tracking on every op, a sizeable
+        # share of a decoded token's time on a CPU (docs/model.md). Its tensors cannot be changed in place or saved
+        # for backward outside it, so the caller gets an ordinary copy of the ids.
         with torch.inference_mode():
             out = self._generate(idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens,
-                                 generator)
+                                 generator, cpu_fast_path)
         return out.clone()
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens, generator):
+    def _generate(self, idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens, generator,
+                  cpu_fast_path):
         """GPT.generate's loop (called in inference mode)."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         B, T = prompt.shape[:2]
@@ -570,13 +575,16 @@ class GPT(nn.Module):
         stops = None if not stop_tokens else torch.as_tensor(list(stop_tokens), device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         fill = self.config.pad_token_id
-        head, layers = self.decode_weights()
+        # CPU fast path: fused_cpu.decode_step, tested equal to the blocks' forward
+        fast = cpu_fast_path and device.type == "cpu" and fused.kernel_path(prompt) == "torch"
+        weights = fused_cpu.decode_weights(self) if fast else None
+        # the prompt through the blocks' own forward, filling the caches
         h, _ = self.hidden_states(idx if inputs_embeds is None else None, inputs_embeds,
                                   position_ids=positions[..., :T], caches=caches)
         x = h[:, -1]  # (B, H): only the last position's logits are needed
         n = 0
         while n < max_new_tokens:
-            logits = kernels.rows_matmul(x, head)  # (B, H) @ (H, V)
+            logits = fused_cpu.rows_matmul(x, weights.head) if fast else self.lm_head(x)  # (B, V)
             next_token = sample_next(logits, temperature, top_k, generator)  # (B,)
             if stops is not None:
                 row_fill = next_token if fill is None else torch.full_like(next_token, fill)
@@ -586,52 +594,13 @@ class GPT(nn.Module):
             n += 1
             if n == max_new_tokens or (stops is not None and bool(finished.all())):
                 break
-            x = self.decode_step(self.model.embed_tokens(next_token), positions[..., T + n - 1:T + n], caches, layers)
+            position = positions[..., T + n - 1:T + n]  # (1,) or (B, 1)
+            if fast:  # CPU fast path
+                x = fused_cpu.decode_step(self, weights, self.model.embed_tokens(next_token), position, caches)
+            else:  # the new token through the blocks' own forward with the cache
+                h, _ = self.hidden_states(next_token[:, None], position_ids=position, caches=caches)  # (B, 1, H)
+                x = h[:, -1]
         return out[:, :T + n] if idx is not None else out[:, T:T + n]
-
-    def decode_weights(self):
-        """The weights a decoding step multiplies by, laid out for one-row products: per layer q, k and v fused into
-        one (H, (nh + 2 nkv) hd) matrix with its bias, o_proj's and the router's weights transposed to (in, out);
-        and the unembedding as (H, V). On a CPU, MKL's one-row product reads an (in, out) matrix up to 2.6x faster
-        than an (out, in) one (8192 x 256 fp32: 456 vs 1181 us), and one fused product is one op instead of three.
-        These are copies: one pass over the non-expert weights per generate() call, held while it runs."""
-        def in_out(w):  # (out, in) -> contiguous (in, out)
-            return w.t().contiguous()
-
-        def bias(linear):
-            return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.weight.shape[0])
-
-        layers = []
-        for block in self.model.layers:
-            a, router = block.self_attn, block.mlp.router
-            qkv = in_out(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))  # (H, (nh + 2 nkv) hd)
-            qkv_bias = torch.cat([bias(a.q_proj), bias(a.k_proj), bias(a.v_proj)])  # ((nh + 2 nkv) hd,)
-            layers.append((qkv, qkv_bias, in_out(a.o_proj.weight), bias(a.o_proj), in_out(router.weight)))
-        return in_out(self.lm_head.weight), layers
-
-    def decode_step(self, x, position_ids, caches, layers):
-        """Every block for one new position per row: Block.forward's math in as few torch ops as possible, since
-        decoding a small model on a CPU is bound by the number of ops, not by FLOPs (bench.py --what=lm).
-        x (B, H) the new tokens' embeddings; position_ids (1,) or (B, 1); layers from decode_weights().
-        Returns the final-normed hidden states (B, H)."""
-        c = self.config
-        B, nh, nkv, hd, eps = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        cos, sin = self.rope(position_ids, x.device)
-        rope = kernels.rope_tables(cos, sin, x.dtype)  # shared by every layer
-        for block, cache, (qkv_w, qkv_b, o_w, o_b, router_w) in zip(self.model.layers, caches, layers):
-            attn, router, experts = block.self_attn, block.mlp.router, block.mlp.experts
-            h = kernels.rms_norm(x, block.input_layernorm.weight, eps)
-            qkv = kernels.rows_matmul(h, qkv_w, qkv_b).view(B, 1, nh + 2 * nkv, hd)  # (B, 1, nh + 2 nkv, hd)
-            qk = kernels.apply_rope(qkv[:, :, :nh + nkv], cos, sin, rope)  # query and key heads rotated at once
-            k, v, key_mask = cache.update(qk[:, :, nh:], qkv[:, :, nh + nkv:])  # (B, S, nkv, hd)
-            y = kernels.attention(qk[:, :, :nh], k, v, attn.sinks, window=attn.window, key_mask=key_mask)
-            x = x + kernels.rows_matmul(y.reshape(B, nh * hd), o_w, o_b)  # (B, 1, nh, hd) -> (B, nh * hd) -> (B, H)
-            h = kernels.rms_norm(x, block.post_attention_layernorm.weight, eps)
-            top_logits, top_idx = torch.topk(kernels.rows_matmul(h, router_w, router.bias), router.top_k, dim=-1)
-            x = x + kernels.moe_experts(h, top_idx, torch.softmax(top_logits, dim=-1), experts.gate_up_proj,
-                                        experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
-                                        experts.limit, experts.alpha, decoding=True)  # (B, K) routing -> (B, H)
-        return kernels.rms_norm(x, self.model.norm.weight, eps)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):

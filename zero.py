@@ -63,7 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import fused_cpu
 
 # the first unit's inputs (token ids) never need a gradient; that is expected, not worth a warning per step
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
@@ -847,7 +847,7 @@ def gpt_oss_block_params(config):
 def gpt_oss_block_activation_bytes(config, tokens, seq_len, dtype_bytes=2, attention="flash"):
     """Bytes one GPT-oss block keeps for backward (everything its forward saves) for `tokens` tokens.
     attention="flash": a fused kernel saves q, k, v, the output and the log-sum-exp per head;
-    attention="torch": kernels.attention_blocked (the CPU path) also keeps fp32 copies of q, k, v and the output and
+    attention="torch": fused_cpu.attention_blocked (the CPU path) also keeps fp32 copies of q, k, v and the output and
     the fp32 probabilities of the (query, key) blocks it computes, about heads x T^2 / 2 per sequence for a
     full-attention layer: quadratic in seq_len, which is why the GPU path must be the fused kernel."""
     H, nh, nkv, d = (_cfg(config, k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
@@ -863,7 +863,7 @@ def gpt_oss_block_activation_bytes(config, tokens, seq_len, dtype_bytes=2, atten
     total = tokens * per_token
     if attention == "torch":  # fp32 copies of q, k, v and the output, and the probabilities of the visible pairs
         total += tokens * 4 * (2 * nh * d + 2 * nkv * d)
-        total += -(-tokens // seq_len) * 4 * nh * kernels.attention_blocked_pairs(seq_len)  # a full-attention layer
+        total += -(-tokens // seq_len) * 4 * nh * fused_cpu.attention_blocked_pairs(seq_len)  # a full-attention layer
     return total
 
 

@@ -1,6 +1,6 @@
 """
-gpu_check.py, the one prepared GPU script, run on CPU: its structure (sections that fail or run out of time
-alone, keeping what they measured; the budget; the error metrics) in-process, and the whole script with --dry
+medgpt_tools/gpu_check.py, the one prepared GPU script, run on CPU: its structure (sections that fail or run out of
+time alone, keeping what they measured; the budget; the error metrics) in-process, and the whole script with --dry
 (tiny shapes, Triton interpreter) in a subprocess, as on the GPU machine: without transformers or pillow.
 The parts that need CUDA (peak-memory stats, SDPA's flash backend, torch.compile) report that they are CUDA-only
 in --dry; they run only on a GPU.
@@ -17,12 +17,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-import kernels  # noqa: E402
+import fused  # noqa: E402
 
-if not torch.cuda.is_available() and not kernels._INTERPRET:
-    kernels = importlib.reload(kernels)
+if not torch.cuda.is_available() and not fused._INTERPRET:
+    fused = importlib.reload(fused)
 
-import gpu_check  # noqa: E402
+from medgpt_tools import gpu_check  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,22 +120,22 @@ class TF32MatMul(torch.autograd.Function):
 
 
 def attention_tf32(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=None):
-    """kernels.attention_torch with its two products (and their backward) in TF32."""
+    """fused.attention_torch with its two products (and their backward) in TF32."""
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     kf = k.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, D)
     vf = v.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, D)
     scores = TF32MatMul.apply(q.transpose(1, 2), kf.transpose(-1, -2)) * sm_scale  # (B, Hq, T, S)
-    scores = scores.masked_fill(~kernels.attention_mask(T, S, q.device, window, doc_ids, key_mask), float("-inf"))
+    scores = scores.masked_fill(~fused.attention_mask(T, S, q.device, window, doc_ids, key_mask), float("-inf"))
     sink = sinks.reshape(1, Hq, 1, 1).expand(B, Hq, T, 1)  # (B, Hq, T, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # (B, Hq, T, S)
     return TF32MatMul.apply(probs, vf).transpose(1, 2)  # (B, Hq, T, D) -> (B, T, Hq, D)
 
 
 def moe_experts_tf32(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                     limit=7.0, alpha=1.702):
-    """kernels.moe_experts_torch with both expert projections (and their backward) in TF32."""
+                     limit=7.0, alpha=1.702, decoding=False):
+    """fused.moe_experts_torch with both expert projections (and their backward) in TF32 (decoding: no other form)."""
     N, K = topk_idx.shape
     E, H = gate_up_proj.shape[0], x.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,)
@@ -144,7 +144,7 @@ def moe_experts_tf32(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, 
     y_sorted = []
     for e, x_e in enumerate(x.index_select(0, order // K).split(counts)):
         if len(x_e):
-            h = kernels.swiglu_torch(TF32MatMul.apply(x_e, gate_up_proj[e]) + gate_up_proj_bias[e], limit, alpha)
+            h = fused.swiglu_torch(TF32MatMul.apply(x_e, gate_up_proj[e]) + gate_up_proj_bias[e], limit, alpha)
             y_sorted.append(TF32MatMul.apply(h, down_proj[e]) + down_proj_bias[e])
     y = torch.cat(y_sorted).index_select(0, torch.argsort(order)).view(N, K, H)  # (N*K, H) -> (N, K, H)
     return (y * topk_weight[..., None]).sum(1)
@@ -155,12 +155,11 @@ def test_tf32_dots_exceed_the_ieee_threshold_that_the_triton_path_meets(dry, mon
     explanations of a GPU difference: the Triton path (interpreter: exact fp32 dots) is far below it, and the
     torch path with TF32-truncated dots where the Triton path has tl.dot is far above it. On gpu_check's GPU
     shapes the same emulation gives a logits rel_fro of 2.9e-3 (docs/kernels.md)."""
-    model_module = gpu_check.import_model()
-    model, idx, targets, _ = gpu_check.eq_setup(model_module)
+    model, idx, targets, _ = gpu_check.eq_setup()
     ref = gpu_check.model_outputs(model, "torch", "ieee", idx, targets, {})
     triton_run = gpu_check.model_outputs(model, "triton", "ieee", idx, targets, {})
-    monkeypatch.setattr(kernels, "attention", attention_tf32)
-    monkeypatch.setattr(kernels, "moe_experts", moe_experts_tf32)
+    monkeypatch.setattr(fused, "attention", attention_tf32)
+    monkeypatch.setattr(fused, "moe_experts", moe_experts_tf32)
     tf32_run = gpu_check.model_outputs(model, "torch", "ieee", idx, targets, {})
     exact = gpu_check.error_summary(gpu_check.tensor_errors(triton_run, ref))
     tf32 = gpu_check.error_summary(gpu_check.tensor_errors(tf32_run, ref))
@@ -173,15 +172,16 @@ def test_tf32_dots_exceed_the_ieee_threshold_that_the_triton_path_meets(dry, mon
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """gpu_check.py --dry (CPU, interpreter, tiny shapes) runs every section without an error and writes its JSON,
-    as on the GPU machine: with transformers and PIL unimportable (model.py's vision import is stubbed there)."""
+    """python -m medgpt_tools.gpu_check --dry (CPU, interpreter, tiny shapes) from the repository root runs every
+    section without an error and writes its JSON, as on the GPU machine: with transformers and PIL unimportable
+    (model.py's vision import is stubbed there)."""
     summary_path = tmp_path / "gpu_check.json"
     blocked = ("import runpy, sys; sys.modules.update(transformers=None, PIL=None); "
-               f"sys.argv = [{os.path.join(ROOT, 'gpu_check.py')!r}] + sys.argv[1:]; "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
+               "sys.argv = ['medgpt_tools/gpu_check.py'] + sys.argv[1:]; "
+               "runpy.run_module('medgpt_tools.gpu_check', run_name='__main__', alter_sys=True)")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDGPT_KERNELS")}
     out = subprocess.run([sys.executable, "-c", blocked, "--dry", f"--out={summary_path}"],
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     errors = {name: s for name, s in summary["sections"].items() if isinstance(s, dict) and "error" in s}

@@ -3,6 +3,7 @@
 The tiny config keeps every feature of the real one: YaRN on, sequences longer than the sliding window (8) and than
 original_max_position_embeddings (16), non-zero sinks and biases, GQA, top-k routing, sliding and full layers.
 """
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import fused_cpu
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -192,19 +194,20 @@ def test_kv_cache_stepwise_equals_full_forward(pair):
 
 
 def test_decode_step_equals_full_forward(pair):
-    """GPT.decode_step (fused q/k/v, transposed weights, the ring caches) after a prefill == one full forward, for
-    every position past the window; and with left padding (per-row positions and key masks)."""
+    """fused_cpu.decode_step (fused q/k/v, transposed weights, the ring caches) after a prefill == one full forward,
+    for every position past the window; and with left padding (per-row positions and key masks)."""
     ours, _ = pair
     idx = tokens(2, 30, seed=9)
     with torch.no_grad():
         full = ours(idx)[0]
         caches = ours.new_caches(2, 30)
-        head, layers = ours.decode_weights()
+        weights = fused_cpu.decode_weights(ours)
         h, _ = ours.hidden_states(idx[:, :4], caches=caches)
-        pieces = [h @ head]
+        pieces = [h @ weights.head]
         for t in range(4, 30):
-            x = ours.decode_step(ours.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1), caches, layers)
-            pieces.append((x @ head)[:, None])
+            x = fused_cpu.decode_step(ours, weights, ours.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1),
+                                      caches)
+            pieces.append((x @ weights.head)[:, None])
         assert rel_err(torch.cat(pieces, dim=1), full) < 1e-5
         # row 1 left-padded by 3: its logits equal row 1's alone at positions 0..
         pad = 3
@@ -214,9 +217,30 @@ def test_decode_step_equals_full_forward(pair):
         caches = ours.new_caches(2, 30, key_mask)
         ours.hidden_states(padded[:, :6], position_ids=positions[:, :6], caches=caches)
         for t in range(6, 30):
-            x = ours.decode_step(ours.model.embed_tokens(padded[:, t]), positions[:, t:t + 1], caches, layers)
+            x = fused_cpu.decode_step(ours, weights, ours.model.embed_tokens(padded[:, t]), positions[:, t:t + 1],
+                                      caches)
         alone = ours(idx[1:, :30 - pad])[0][0, -1]
-        assert rel_err(x[1] @ head, alone) < 1e-5
+        assert rel_err(x[1] @ weights.head, alone) < 1e-5
+
+
+@contextlib.contextmanager
+def one_cpu_thread():
+    """No split products: fused_cpu.rows_matmul splits fp32 products over the threads, changing the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_logits(got, want, dtype, where):
+    """bf16: the same bits (any extra rounding would show); fp32: MKL sums (in, out) and (out, in) products in
+    different orders, so the last bits only."""
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want), where
+    else:
+        assert rel_err(got, want) < 1e-5, where
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -227,41 +251,79 @@ def test_decode_step_on_one_thread_equals_the_forward(ckpt, pair, dtype):
     ours, _ = pair
     lm = ours if dtype == torch.float32 else M.GPT.from_pretrained(ckpt, dtype=dtype)
     idx = tokens(2, 24, seed=12)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            full = lm(idx)[0]
-            caches = lm.new_caches(2, 24)
-            head, layers = lm.decode_weights()
-            lm.hidden_states(idx[:, :5], caches=caches)
-            for t in range(5, 24):
-                x = lm.decode_step(lm.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1), caches, layers)
-                got = M.kernels.rows_matmul(x, head)
-                if dtype == torch.bfloat16:
-                    assert torch.equal(got, full[:, t]), f"position {t}"
-                else:  # fp32: MKL sums (in, out) and (out, in) products in different orders, last bits only
-                    assert rel_err(got, full[:, t]) < 1e-5, f"position {t}"
-    finally:
-        torch.set_num_threads(threads)
+    with one_cpu_thread(), torch.no_grad():
+        full = lm(idx)[0]
+        caches = lm.new_caches(2, 24)
+        weights = fused_cpu.decode_weights(lm)
+        lm.hidden_states(idx[:, :5], caches=caches)
+        for t in range(5, 24):
+            x = fused_cpu.decode_step(lm, weights, lm.model.embed_tokens(idx[:, t]), torch.arange(t, t + 1), caches)
+            assert_same_logits(fused_cpu.rows_matmul(x, weights.head), full[:, t], dtype, f"position {t}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_fast_path_equals_the_blocks_forward(ckpt, pair, dtype, monkeypatch):
+    """GPT.generate's two ways to decode a new token after the prompt: the CPU fast path (fused_cpu.decode_step,
+    rows_matmul on the (H, V) unembedding) and the blocks' own forward with the cache (hidden_states, lm_head).
+    Step by step on one thread: the same logits, bit for bit in bf16 and to fp32 rounding in fp32; and through
+    generate, on the default threads: the same greedy tokens, past the window, with left padding and a stop token."""
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    ours, _ = pair
+    lm = ours if dtype == torch.float32 else M.GPT.from_pretrained(ckpt, dtype=dtype)
+    idx = tokens(2, 20, seed=13)
+    with one_cpu_thread(), torch.no_grad():
+        fast_caches, plain_caches = lm.new_caches(2, 20), lm.new_caches(2, 20)
+        weights = fused_cpu.decode_weights(lm)
+        lm.hidden_states(idx[:, :4], caches=fast_caches)
+        lm.hidden_states(idx[:, :4], caches=plain_caches)
+        for t in range(4, 20):
+            position = torch.arange(t, t + 1)
+            x = fused_cpu.decode_step(lm, weights, lm.model.embed_tokens(idx[:, t]), position, fast_caches)
+            h, _ = lm.hidden_states(idx[:, t:t + 1], position_ids=position, caches=plain_caches)
+            assert_same_logits(fused_cpu.rows_matmul(x, weights.head), lm.lm_head(h[:, -1]), dtype, f"position {t}")
+    prompt = tokens(3, 9, seed=14)
+    lens = [9, 5, 7]
+    plain = lm.generate(prompt, 14, temperature=0.0, prompt_lens=lens, cpu_fast_path=False)
+    assert torch.equal(lm.generate(prompt, 14, temperature=0.0, prompt_lens=lens), plain)
+    stop = int(plain[0, 12])
+    plain = lm.generate(prompt, 14, temperature=0.0, prompt_lens=lens, stop_tokens=[stop], cpu_fast_path=False)
+    assert torch.equal(lm.generate(prompt, 14, temperature=0.0, prompt_lens=lens, stop_tokens=[stop]), plain)
+
+
+def test_generate_takes_the_cpu_fast_path_only_on_the_torch_path(pair, monkeypatch):
+    """The fast path runs when decoding on a CPU with the torch path (once per new token after the first), and not
+    when asked not to or with MEDGPT_KERNELS=triton (which decodes through the blocks' forward)."""
+    ours, _ = pair
+    calls = []
+    real = fused_cpu.decode_step
+    monkeypatch.setattr(fused_cpu, "decode_step", lambda *a: calls.append(1) or real(*a))
+    prompt = tokens(1, 6, seed=15)
+    monkeypatch.setenv("MEDGPT_KERNELS", "torch")
+    ours.generate(prompt, 5, temperature=0.0)
+    assert len(calls) == 4
+    ours.generate(prompt, 5, temperature=0.0, cpu_fast_path=False)
+    assert len(calls) == 4
+    monkeypatch.setenv("MEDGPT_KERNELS", "triton")
+    ours.generate(prompt, 2, temperature=0.0)
+    assert len(calls) == 4
 
 
 def test_decode_on_the_triton_path(pair, monkeypatch):
-    """GPT.generate with MEDGPT_KERNELS=triton (the GPU path, run by the interpreter): the prompt through the Triton
-    kernels, each new token through decode_step with Triton RMSNorm, RoPE on a strided q/k view and the grouped-GEMM
-    experts. Same greedy tokens as the torch path, past the window."""
+    """GPT.generate with MEDGPT_KERNELS=triton (the GPU path, run by the interpreter): the prompt and each new token
+    through the blocks' forward with the Triton kernels (RMSNorm, RoPE, the grouped-GEMM experts; attention against
+    the cache stays on the torch path). Same greedy tokens as the torch path, past the window."""
     ours, _ = pair
     prompt = tokens(2, 10, seed=11)
     expected = ours.generate(prompt, 6, temperature=0.0)
     monkeypatch.setenv("MEDGPT_KERNELS", "triton")
     calls = []
     for name in ("_moe_experts_triton", "_rope_launch"):
-        fn = getattr(M.kernels, name)
-        monkeypatch.setattr(M.kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        fn = getattr(M.fused, name)
+        monkeypatch.setattr(M.fused, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     assert torch.equal(ours.generate(prompt, 6, temperature=0.0), expected)
     layers = ours.config.num_hidden_layers
-    # prompt: 1 MoE and 2 RoPE calls (q, k) per layer; each of the 5 decode steps: 1 MoE and 1 RoPE (q and k fused)
-    assert calls.count("_moe_experts_triton") == 6 * layers and calls.count("_rope_launch") == 2 * layers + 5 * layers
+    # the prompt and each of the 5 decode steps: 1 MoE and 2 RoPE calls (q, k) per layer
+    assert calls.count("_moe_experts_triton") == 6 * layers and calls.count("_rope_launch") == 2 * 6 * layers
 
 
 def test_greedy_generate_equals_transformers(pair):

@@ -56,9 +56,9 @@ def test_packed_row_keeps_documents_apart():
 
 
 def test_packed_attention_equals_each_document_alone():
-    """With the kernel's mask (kernels.attention_torch, doc_ids), every document's outputs in a packed row equal
+    """With the kernel's mask (fused.attention_torch, doc_ids), every document's outputs in a packed row equal
     those of the document run alone: no attention across documents."""
-    import kernels
+    import fused
     rng = random.Random(2)
     samples = [make_sample(rng, n) for n in (7, 13, 4, 20)]
     row = packed_row(samples, 48, pad_id=0)
@@ -68,7 +68,7 @@ def test_packed_attention_equals_each_document_alone():
     def attend(ids, doc_ids=None):
         x = table[torch.tensor(ids)][None]  # (1, T, H, D)
         sinks = torch.zeros(2)
-        return kernels.attention_torch(x, x, x, sinks, doc_ids=doc_ids)[0]  # (T, H, D)
+        return fused.attention_torch(x, x, x, sinks, doc_ids=doc_ids)[0]  # (T, H, D)
 
     packed = attend(row["input_ids"], torch.tensor([row["doc_ids"]]))
     offset = 0

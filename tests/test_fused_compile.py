@@ -1,9 +1,9 @@
 """
-Every Triton kernel in kernels.py compiled ahead of time for real GPUs (sm_90 H100/H200, sm_100 B200), bf16,
+Every Triton kernel in fused.py compiled ahead of time for real GPUs (sm_90 H100/H200, sm_100 B200), bf16,
 with the GPU tile sizes, on this CPU machine: triton ships ptxas, so no GPU is needed to compile. Each kernel's
 shared memory is checked against the per-block limit (Triton checks it only at launch).
 
-The interpreter (what tests/test_kernels.py runs) accepts code the GPU compiler rejects (a non-constexpr
+The interpreter (what tests/test_fused.py runs) accepts code the GPU compiler rejects (a non-constexpr
 global read inside a kernel, a loop-carried variable that changes type, an unsupported early return), so
 this is the check that the GPU run will not fail at its first launch. It runs in a subprocess because the
 kernels must be defined with TRITON_INTERPRET unset.
@@ -20,7 +20,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 arch = int(sys.argv[2])
 import triton
-import kernels as K
+import fused as K
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -63,7 +63,7 @@ compile_kernel("swiglu_bwd", K._swiglu_bwd_kernel,
                {"GU": bf16, "DOut": bf16, "DGU": bf16, "n_out": "i64", "limit": "fp32", "alpha": "fp32"},
                {"BLOCK": 1024})
 def compile_dot_kernels(dt, precision, variants):
-    # the kernels with tl.dot, operands of type dt, with the tiles kernels.py launches them with;
+    # the kernels with tl.dot, operands of type dt, with the tiles fused.py launches them with;
     # variants = (window, has_doc, has_bias) combinations
     suffix = "" if dt == bf16 else f"_fp32_{precision}"
     fma = dt == f32 and precision == "ieee"

@@ -1,9 +1,10 @@
 """
-Benchmarks: `python bench.py --what=lm [--key=value ...]`.
+Benchmarks, run from the repository root: `python -m medgpt_tools.bench --what=lm [--key=value ...]`.
 
 Design choices
-- One function per benchmark, `bench_<what>(args)`, picked by --what from the BENCHES dict; options are plain
-  `--key=value` flags parsed into a dict (other engineers add their benchmarks as more functions).
+- One function per benchmark, `bench_<what>(args)`, picked by --what from the BENCHES dict. Its defaults dict
+  names its options: argparse makes each key a `--key=value` flag (`--new_tokens` or `--new-tokens`) typed as its
+  default, and the benchmark gets the values as a dict. A new benchmark is one more function and dict.
 - Comparisons are A/B alternating (ours, reference, ours, reference, ...) on the same weights and inputs, and report
   medians, so a noisy shared machine shifts both sides alike. Peak memory is measured in a fresh subprocess per side.
 
@@ -18,6 +19,8 @@ lm: GPT-oss language model vs transformers' GptOssForCausalLM (eager attention, 
     --clock=cpu times with the process's CPU time instead of the wall clock: on a machine shared with other jobs,
     `--threads=1 --clock=cpu` gives repeatable numbers (with more threads it also counts their spin-waits).
 """
+import argparse
+import gc
 import json
 import math
 import os
@@ -28,6 +31,14 @@ import tempfile
 import time
 
 import torch
+from torch.profiler import profile
+
+import model
+import training
+import vision
+import zero
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 LM_DEFAULTS = dict(layers=4, hidden=256, intermediate=256, experts=8, top_k=4, heads=8, kv_heads=2, head_dim=32,
                    vocab=8192, window=128, batch=4, seq=256, rounds=7, prompt=32, new_tokens=128, decode_batch=1,
@@ -49,7 +60,6 @@ def lm_hf_config(a):
 def lm_models(a, ckpt_dir):
     """Write one random checkpoint with transformers, load it into both implementations (fp32, CPU)."""
     from transformers import GptOssForCausalLM
-    import model
     torch.manual_seed(a["seed"])
     hf = GptOssForCausalLM._from_config(lm_hf_config(a), attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():  # non-zero biases and sinks, like a trained model
@@ -63,8 +73,8 @@ def lm_models(a, ckpt_dir):
 
 
 def lm_optimizer(m):
-    """Both sides' optimizer: torch's fused AdamW, its fastest on a CPU (4.9 ms against 20.9 ms for the default
-    for-loop AdamW on this model's parameters, 2 threads); the step time is then the models' own."""
+    """Both sides' optimizer: torch's fused AdamW, its fastest on a CPU (docs/model.md); the step time is then the
+    models' own."""
     return torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 
 
@@ -93,7 +103,6 @@ def lm_inputs(a):
 
 
 def bench_lm(a):
-    import training
     if a["threads"]:
         torch.set_num_threads(a["threads"])
     with tempfile.TemporaryDirectory() as d:
@@ -101,8 +110,6 @@ def bench_lm(a):
     models = {"ours": ours, "transformers": hf}
     idx, targets, prompt = lm_inputs(a)
     opts = {k: lm_optimizer(m) for k, m in models.items()}  # same optimizer both sides
-    if a["clock"] not in ("wall", "cpu"):
-        raise SystemExit(f"bench.py --what=lm: --clock={a['clock']!r}; choose wall or cpu")
     clock = time.process_time if a["clock"] == "cpu" else time.perf_counter
     out_same = torch.equal(lm_decode("ours", ours.eval(), prompt, 16), lm_decode("hf", hf.eval(), prompt, 16))
     times = {(what, k): [] for what in ("train", "decode") for k in models}
@@ -142,7 +149,7 @@ def bench_lm(a):
     print(f"bound: transformers spends {100 / train_same:.0f}% (train) and {100 / decode_same:.0f}% (decode) of its "
           f"time in matrix products (mm/addmm/bmm); doing the same products at the speed transformers gets and "
           f"nothing else would reach {train_same:.2f}x (train) and {decode_same:.2f}x (decode)"
-          + (". Ours can decode past that: it spreads each one-row product over the threads (kernels.rows_matmul)"
+          + (". Ours can decode past that: it spreads each one-row product over the threads (fused_cpu.rows_matmul)"
              if torch.get_num_threads() > 1 else ""))
     print(f"compute floor: transformers' training step is {train_flops / 1e9:.1f} GFLOP of products; at this CPU's "
           f"measured fp32 matmul peak they alone allow at most {train_peak:.2f}x transformers' step (decode: "
@@ -178,8 +185,6 @@ def lm_matmul_bound(what, hf, opt, idx, targets, prompt, a, clock):
     (same FLOPs, fp32) at the speed transformers gets from them;
     at_peak: transformers' time over the time those products' FLOPs (profiler count) take at this CPU's measured
     fp32 matmul peak (training.measure_cpu_peak_tflops): the ratio no implementation of the same FLOPs can pass."""
-    from torch.profiler import profile
-    import training
     runs, flops = [], []  # (step seconds, seconds in matrix products), FLOPs of those products
     for _ in range(3):
         hf.train() if what == "train" else hf.eval()
@@ -212,7 +217,6 @@ def lm_floor(ours, opt, idx, targets, clock):
     """What limits ours' training step, measured (medians of 3): its matrix products' FLOPs, the time they take
     now (profiler self time), the optimizer step's time and the whole step's. The products at this CPU's measured
     fp32 peak plus the optimizer are the shortest step any implementation of ours' math could take."""
-    from torch.profiler import profile
     rows = []  # (step s, products s, product FLOPs, optimizer s)
     for _ in range(3):
         ours.train()
@@ -237,12 +241,16 @@ def lm_peak_memory(a, impl):
     """Peak RSS growth of one training step and one decode, each measured in a fresh subprocess."""
     out = {}
     for phase in ("train", "decode"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--what=lm-memory", f"--impl={impl}", f"--phase={phase}"]
-        cmd += [f"--{k}={v}" for k, v in a.items()]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(lm_memory_command(a, impl, phase), capture_output=True, text=True, check=True, cwd=ROOT)
         d = json.loads(res.stdout.strip().splitlines()[-1])
         out[f"{phase}_mib"], out["model_mib"] = d["peak_mib"], d["model_mib"]
     return out
+
+
+def lm_memory_command(a, impl, phase):
+    """The command line of bench_lm_memory's subprocess, with bench_lm's options a."""
+    return [sys.executable, "-m", "medgpt_tools.bench", "--what=lm-memory", f"--impl={impl}", f"--phase={phase}",
+            *(f"--{k}={v}" for k, v in a.items())]
 
 
 def bench_lm_memory(a):
@@ -252,7 +260,6 @@ def bench_lm_memory(a):
     impl = a["impl"]
     m = ours if impl == "ours" else hf
     ours = hf = None  # free the other implementation before measuring
-    import gc
     gc.collect()
     idx, targets, prompt = lm_inputs(a)
     model_mib = sum(p.numel() * p.itemsize for p in m.parameters()) / 2**20
@@ -290,7 +297,6 @@ def bench_vision(a):
     transformers computes every block (output_hidden_states=True, as LlavaModel calls it); ours stops at the
     feature layer, so the equal-work row (feature_layer=-1, all blocks) is reported too."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    import vision
     if a["threads"]:
         torch.set_num_threads(a["threads"])
     device, dtype = torch.device(a["device"]), getattr(torch, a["dtype"])
@@ -337,7 +343,7 @@ def bench_vision(a):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# train (engineer G): the tiny preset's training step, ours (ZeRO3 + training.py's loop body) vs plain torch
+# train: the tiny preset's training step, ours (ZeRO3 + training.py's loop body) vs plain torch
 
 TRAIN_DEFAULTS = dict(batch=2, seq=256, micro=2, rounds=5, seed=0, threads=0)
 
@@ -362,17 +368,14 @@ def bench_train(a):
     """Tokens/s and MFU of one optimizer step of the tiny preset (fp32, everything trains, `micro` accumulation
     steps): ZeRO3 + training.forward_backward + clipping + sharded AdamW, against a plain PyTorch loop on the same
     model and batches (torch.optim.AdamW, clip_grad_norm_, no sharding). One process; A/B alternating rounds."""
-    import training
-    import zero
-    from model import MedGPT
     if a["threads"]:
         torch.set_num_threads(a["threads"])
     config = training.arch_config("tiny")
-    cfg = training.TrainConfig(dtype="float32", lr=1e-4, weight_decay=0.1, grad_clip=1.0, global_batch=a["batch"] * a["micro"],
-                               micro_batch=a["batch"])
+    cfg = training.TrainConfig(dtype="float32", lr=1e-4, weight_decay=0.1, grad_clip=1.0,
+                               global_batch=a["batch"] * a["micro"], micro_batch=a["batch"])
     run = training.Run(0, 1, torch.device("cpu"), torch.float32)
     torch.manual_seed(a["seed"])
-    ours, plain = MedGPT(config), MedGPT(config)
+    ours, plain = model.MedGPT(config), model.MedGPT(config)
     plain.load_state_dict(ours.state_dict())
     for m in (ours, plain):
         training.freeze_unused(m)
@@ -425,32 +428,32 @@ BENCHES = {"lm": (bench_lm, LM_DEFAULTS), "lm-memory": (bench_lm_memory, LM_DEFA
            "vision": (bench_vision, VISION_DEFAULTS), "train": (bench_train, TRAIN_DEFAULTS)}
 
 
-def parse_args(argv):
-    opts = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bench.py: expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        opts[key.replace("-", "_")] = value
-    return opts
+CHOICES = {"clock": ("wall", "cpu"), "impl": ("ours", "transformers"), "phase": ("train", "decode")}
 
 
-def main(argv):
-    opts = parse_args(argv)
-    what = opts.pop("what", "lm")
-    if what not in BENCHES:
-        raise SystemExit(f"bench.py: --what={what!r}; choose one of {sorted(BENCHES)}")
-    fn, defaults = BENCHES[what]
-    args = dict(defaults)
-    for k, v in opts.items():
-        if k in defaults:
-            args[k] = type(defaults[k])(v)
-        elif k in ("impl", "phase"):
-            args[k] = v
-        else:
-            raise SystemExit(f"bench.py --what={what}: unknown option --{k}; options: {sorted(defaults)}")
+def parse_args(argv=None):
+    """--what=NAME picks the benchmark; its defaults dict gives the other flags. Returns (function, options dict)."""
+    what = argparse.ArgumentParser(add_help=False)
+    what.add_argument("--what", default="lm", choices=sorted(BENCHES), help="the benchmark (default lm)")
+    fn, defaults = BENCHES[what.parse_known_args(argv)[0].what]
+    parser = argparse.ArgumentParser(prog="python -m medgpt_tools.bench", parents=[what],
+                                     description=__doc__.strip().splitlines()[0])
+    for key, default in defaults.items():
+        flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
+        parser.add_argument(*flags, dest=key, type=type(default), default=default, choices=CHOICES.get(key),
+                            help=f"default {default}")
+    if fn is bench_lm_memory:  # the subprocess bench_lm starts for each side and phase
+        for key in ("impl", "phase"):
+            parser.add_argument(f"--{key}", required=True, choices=CHOICES[key])
+    args = vars(parser.parse_args(argv))
+    del args["what"]
+    return fn, args
+
+
+def main(argv=None):
+    fn, args = parse_args(argv)
     return fn(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,9 +1,10 @@
 """
-One prepared GPU check for kernels.py: correctness, speed, memory, and a GPT-oss-shaped training step.
+One prepared GPU check for fused.py: correctness, speed, memory, and a GPT-oss-shaped training step.
+Run from the repository root:
 
-    python gpu_check.py                 # on one H100/H200, at most ~5 minutes; JSON to $OUT/gpu_check.json
-    python gpu_check.py --out=x.json    # JSON elsewhere
-    python gpu_check.py --dry           # CPU, tiny shapes, Triton interpreter: catches errors before a GPU run
+    python -m medgpt_tools.gpu_check               # one H100/H200, at most ~5 minutes; JSON to $OUT/gpu_check.json
+    python -m medgpt_tools.gpu_check --out=x.json  # JSON elsewhere
+    python -m medgpt_tools.gpu_check --dry         # CPU, tiny shapes, Triton interpreter: catches errors first
 
 Sections, in order: environment; model_equality (the whole GPT, Triton path vs torch path, fp32 with IEEE dots
 and bf16: loss, logits, every parameter gradient); kernels_fp32_ieee (each kernel alone, the same way: says which
@@ -16,7 +17,7 @@ Design choices
 - Every section runs inside try/except and under a time cap (SIGALRM; a share of --budget, SECTION_SHARE):
   an error or a timeout is printed and recorded beside what the section had measured so far (partial_result),
   and the next section runs, so the first run on a GPU yields as many numbers as it can. The JSON summary is
-  rewritten after every section. `import gpu_check` runs nothing: main() does (tests/test_gpu_check.py).
+  rewritten after every section. Importing the module runs nothing: main() does (tests/test_gpu_check.py).
 - A time budget (--budget, seconds) is checked before each section and measurement; what does not fit is
   skipped and marked "skipped: budget", so the command ends on time even when compiles are slow.
 - Errors are ||a-b||/||b|| (rel_fro) and max|a-b|/max|b| (rel_maxabs) per tensor, never max_i |a_i-b_i|/|b_i|:
@@ -39,6 +40,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 
 # device peaks (dense bf16 TFLOP/s, HBM GB/s), matched in order on the device name (so "H100 PCIe" before "H100")
 PEAKS = [("H200", 989.0, 4800.0), ("H100 PCIe", 756.0, 2000.0), ("H100 NVL", 835.0, 3900.0), ("H100", 989.0, 3350.0),
@@ -65,24 +67,26 @@ if __name__ == "__main__" and "--dry" in sys.argv[1:]:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels  # noqa: E402
 
-
-def import_model():
-    """model.py, which imports vision.py, which imports PIL at the top. The GPU machine may lack pillow and this
-    script checks only the language model, so a missing PIL is replaced by an empty stand-in (never called)."""
+def stub_pil_if_missing():
+    """model.py imports vision.py, which imports PIL at the top. The GPU machine may lack pillow and this script
+    checks only the language model, so a missing PIL is replaced by an empty stand-in (never called).
+    Returns True when it stubbed PIL."""
     try:
         import PIL.Image  # noqa: F401
+        return False
     except ImportError:
-        import types
         pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
         image.Image = type("Image", (), {})  # vision.py's annotations name PIL.Image.Image
         pil.Image = image
         sys.modules.update({"PIL": pil, "PIL.Image": image})
-        log("PIL is not installed: stubbed (vision preprocessing is not checked here)")
-    import model
-    return model
+        return True
+
+
+PIL_STUBBED = stub_pil_if_missing()
+
+import fused  # noqa: E402
+import model as model_lib  # noqa: E402
 
 
 # shapes: GPT-oss-20B widths on a GPU, tiny ones for --dry
@@ -117,6 +121,8 @@ def configure(argv=None):
     DTYPE = torch.float32 if ARGS.dry else torch.bfloat16  # the interpreter's bf16 dot is wrong; fp32 when dry
     TOL = 1e-3 if ARGS.dry else 3e-2  # bf16 kernels against an fp32-math reference
     DEFERRED.clear()
+    if PIL_STUBBED:
+        log("PIL is not installed: stubbed (vision preprocessing is not checked here)")
 
 
 def log(*parts):
@@ -356,23 +362,23 @@ EQ_BF16_TOL = 0.1  # bf16 Triton path against the fp32 reference: max over tenso
 KERNEL_FP32_TOL = 2e-5  # one kernel alone, fp32 + IEEE dots
 
 
-def eq_setup(model_module):
+def eq_setup():
     """A GPT-oss-shaped model small enough to check exactly: one sliding (window 128) and one full layer, head
     dim 64, GQA groups of 8, 16 experts top-4; B = 2 rows of T = 1024 tokens. Tiny shapes with --dry."""
     if ARGS.dry:
-        config = model_module.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        config = model_lib.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                         num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
                                         max_position_embeddings=256)
         B, T, doc_lengths = 1, 37, [9, 20, 8]
     else:
-        config = model_module.GPTConfig(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+        config = model_lib.GPTConfig(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
                                         num_attention_heads=16, num_key_value_heads=2, head_dim=64,
                                         num_local_experts=16, num_experts_per_tok=4, sliding_window=128)
         B, T, doc_lengths = 2, 1024, [300, 77, 520, 127]
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = model_module.GPT(config)
+        model = model_lib.GPT(config)
     model = model.float().train()
     with torch.no_grad():  # non-zero biases and sinks (a trained model has them), so their gradients count too
         for name, p in model.named_parameters():
@@ -475,14 +481,13 @@ def greedy_agreement(model, prompt, n_new):
 
 @section("model_equality")
 def check_model_equality():
-    model_module = import_model()
     saved_env = {k: os.environ.get(k) for k in ("MEDGPT_KERNELS", "MEDGPT_DOT_PRECISION")}
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the torch path in true fp32 as well (cuBLAS)
-    model, idx, targets, packed = eq_setup(model_module)
-    out = partial_result({"config": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                            "num_key_value_heads", "head_dim", "num_local_experts",
-                                                            "num_experts_per_tok", "sliding_window", "vocab_size")},
+    model, idx, targets, packed = eq_setup()
+    config_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "num_local_experts", "num_experts_per_tok", "sliding_window", "vocab_size")
+    out = partial_result({"config": {k: getattr(model.config, k) for k in config_keys},
            "tokens": list(idx.shape),
            "metric": "per tensor (loss, logits, each parameter gradient): ||a-b||/||b|| ('rel_fro') and "
                      "max|a-b|/max|b| ('rel_maxabs'); the max over tensors is reported",
@@ -514,7 +519,8 @@ def check_model_equality():
             verdict = "" if "pass" not in result else ("PASS " if result["pass"] else "FAIL ")
             log(f"model_equality {label}: {verdict}max rel_fro {result['max_rel_fro']:.2e} "
                 f"({result['worst_rel_fro']}), max rel_maxabs {result['max_rel_maxabs']:.2e} "
-                f"({result['worst_rel_maxabs']}); loss {result['loss_rel']:.1e}, logits {result['logits_rel_fro']:.1e}; "
+                f"({result['worst_rel_maxabs']}); loss {result['loss_rel']:.1e}, "
+                f"logits {result['logits_rel_fro']:.1e}; "
                 f"tokens routed differently per layer {result['routing_differences']}")
             save()
         # bf16: each path in bf16 against the torch path in fp32 on the same (bf16-rounded) weights
@@ -584,14 +590,14 @@ def check_kernels_fp32_ieee():
     out = partial_result({"tolerance_rel_fro": KERNEL_FP32_TOL})
     try:
         x, w = randn(N, H, **f32), randn(H, scale=0.1, **f32) + 1
-        out["rms_norm"] = compare_fp32(kernels.rms_norm, kernels.rms_norm_torch, [x, w])
+        out["rms_norm"] = compare_fp32(fused.rms_norm, fused.rms_norm_torch, [x, w])
         xr = randn(B, T, Hq, D, **f32)
         angles = torch.arange(T, device=DEVICE)[:, None] * torch.rand(D // 2, device=DEVICE)
         cos, sin = angles.cos(), angles.sin()
-        out["rope"] = compare_fp32(lambda x: kernels.apply_rope(x, cos, sin),
-                                   lambda x: kernels.apply_rope_torch(x, cos, sin), [xr])
+        out["rope"] = compare_fp32(lambda x: fused.apply_rope(x, cos, sin),
+                                   lambda x: fused.apply_rope_torch(x, cos, sin), [xr])
         gate_up = randn(N * K, 2 * I, scale=4.0, **f32)
-        out["swiglu"] = compare_fp32(kernels.swiglu, kernels.swiglu_torch, [gate_up])
+        out["swiglu"] = compare_fp32(fused.swiglu, fused.swiglu_torch, [gate_up])
         q, k, v = randn(B, T, Hq, D, **f32), randn(B, T, Hkv, D, **f32), randn(B, T, Hkv, D, **f32)
         sinks = randn(Hq, **f32)
         doc_ids = torch.repeat_interleave(torch.arange(3, device=DEVICE),
@@ -599,20 +605,20 @@ def check_kernels_fp32_ieee():
         doc_ids = doc_ids[None].expand(B, T).contiguous()  # (B, T)
         for label, wnd, docs in [("causal", 0, None), ("sliding", window, None), ("packed_sliding", window, doc_ids)]:
             out[f"attention_{label}"] = compare_fp32(
-                lambda q, k, v, s: kernels.attention(q, k, v, s, window=wnd, doc_ids=docs),
-                lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=wnd, doc_ids=docs), [q, k, v, sinks])
+                lambda q, k, v, s: fused.attention(q, k, v, s, window=wnd, doc_ids=docs),
+                lambda q, k, v, s: fused.attention_torch(q, k, v, s, window=wnd, doc_ids=docs), [q, k, v, sinks])
         logits = torch.randn(N, E, device=DEVICE)
         top_values, top_idx = torch.topk(logits, K, dim=-1)
         params = [randn(E, H, 2 * I, scale=H ** -0.5, **f32), randn(E, 2 * I, scale=0.1, **f32),
                   randn(E, I, H, scale=I ** -0.5, **f32), randn(E, H, scale=0.1, **f32)]
-        out["moe_experts"] = compare_fp32(lambda x, w, *p: kernels.moe_experts(x, top_idx, w, *p),
-                                          lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p),
+        out["moe_experts"] = compare_fp32(lambda x, w, *p: fused.moe_experts(x, top_idx, w, *p),
+                                          lambda x, w, *p: fused.moe_experts_torch(x, top_idx, w, *p),
                                           [x, torch.softmax(top_values, -1), *params])
         wv, targets = randn(V, H, scale=0.02, **f32), torch.randint(0, V, (N,), device=DEVICE)
         targets[::7] = -100
         out["linear_cross_entropy"] = compare_fp32(
-            lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
-            lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets), [x, wv])
+            lambda x, w: fused.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
+            lambda x, w: fused.linear_cross_entropy_torch(x, w, targets), [x, wv])
     finally:
         if saved is None:
             os.environ.pop("MEDGPT_DOT_PRECISION", None)
@@ -634,18 +640,17 @@ def attention_flops(B, T, Hq, D, window):
 
 @section("train_step")
 def check_train_step():
-    model_module = import_model()
     if ARGS.dry:
-        config = model_module.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        config = model_lib.GPTConfig(vocab_size=301, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                         num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
                                         max_position_embeddings=256)
         B, T, dtype = 1, 37, torch.float32
     else:
-        config = model_module.GPTConfig.preset("gpt-oss-20b", num_hidden_layers=ARGS.train_layers)
+        config = model_lib.GPTConfig.preset("gpt-oss-20b", num_hidden_layers=ARGS.train_layers)
         B, T, dtype = 1, 8192, torch.bfloat16
     with torch.device(DEVICE):
-        model = model_module.GPT(config)
+        model = model_lib.GPT(config)
     model = model.to(dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     idx = torch.randint(0, config.vocab_size, (B, T), device=DEVICE)
@@ -659,7 +664,7 @@ def check_train_step():
         return loss
 
     ms = time_ms(step, reps=3 if not ARGS.dry else 1)
-    counts = model_module.param_counts(config)
+    counts = model_lib.param_counts(config)
     windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
     attn = sum(attention_flops(B, T, config.num_attention_heads, config.head_dim, w) for w in windows)
     dense = 6 * counts["active"] * B * T
@@ -680,11 +685,11 @@ def check_train_step():
 def check_rms_norm():
     rows, C = S["rms"]
     x, w = randn(rows, C), randn(C, scale=0.1) + 1
-    out = {"check": compare(lambda x, w: kernels.rms_norm(x, w), lambda x, w: kernels.rms_norm_torch(x, w),
+    out = {"check": compare(lambda x, w: fused.rms_norm(x, w), lambda x, w: fused.rms_norm_torch(x, w),
                             [x, w], TOL)}
     bytes_moved = x.numel() * x.element_size() * 5  # fwd: read x, write y; bwd: read x, dy, write dx
-    out["time"] = timings("rms_norm", {"triton": kernels.rms_norm, "eager": kernels.rms_norm_torch,
-                                       "compile": compiled(kernels.rms_norm_torch)}, [x, w], bytes_moved=bytes_moved)
+    out["time"] = timings("rms_norm", {"triton": fused.rms_norm, "eager": fused.rms_norm_torch,
+                                       "compile": compiled(fused.rms_norm_torch)}, [x, w], bytes_moved=bytes_moved)
     return out
 
 
@@ -694,12 +699,12 @@ def check_rope():
     x = randn(B, T, H, D)
     angles = torch.arange(T, device=DEVICE)[:, None] * torch.rand(D // 2, device=DEVICE)
     cos, sin = angles.cos(), angles.sin()
-    out = {"check": compare(lambda x: kernels.apply_rope(x, cos, sin), lambda x: kernels.apply_rope_torch(x, cos, sin),
+    out = {"check": compare(lambda x: fused.apply_rope(x, cos, sin), lambda x: fused.apply_rope_torch(x, cos, sin),
                             [x], TOL)}
     bytes_moved = x.numel() * x.element_size() * 4
-    ref = compiled(kernels.apply_rope_torch)
-    out["time"] = timings("rope", {"triton": lambda x: kernels.apply_rope(x, cos, sin),
-                                   "eager": lambda x: kernels.apply_rope_torch(x, cos, sin),
+    ref = compiled(fused.apply_rope_torch)
+    out["time"] = timings("rope", {"triton": lambda x: fused.apply_rope(x, cos, sin),
+                                   "eager": lambda x: fused.apply_rope_torch(x, cos, sin),
                                    "compile": lambda x: ref(x, cos, sin)}, [x], bytes_moved=bytes_moved)
     return out
 
@@ -708,10 +713,10 @@ def check_rope():
 def check_swiglu():
     rows, two_i = S["swiglu"]
     gate_up = randn(rows, two_i, scale=4.0)
-    out = {"check": compare(kernels.swiglu, kernels.swiglu_torch, [gate_up], TOL)}
+    out = {"check": compare(fused.swiglu, fused.swiglu_torch, [gate_up], TOL)}
     bytes_moved = gate_up.numel() * gate_up.element_size() * 3.5  # fwd 1 + 0.5; bwd 1 + 0.5 + 1 (dgate_up)
-    out["time"] = timings("swiglu", {"triton": kernels.swiglu, "eager": kernels.swiglu_torch,
-                                     "compile": compiled(kernels.swiglu_torch)}, [gate_up], bytes_moved=bytes_moved)
+    out["time"] = timings("swiglu", {"triton": fused.swiglu, "eager": fused.swiglu_torch,
+                                     "compile": compiled(fused.swiglu_torch)}, [gate_up], bytes_moved=bytes_moved)
     return out
 
 
@@ -726,20 +731,20 @@ def check_attention():
     out = partial_result()
     for label, w, docs in [("causal", 0, None), ("sliding", window, None), ("packed_sliding", window, doc_ids)]:
         out[f"check_{label}"] = compare(
-            lambda q, k, v, s: kernels.attention(q, k, v, s, window=w, doc_ids=docs),
-            lambda q, k, v, s: kernels.attention_torch(q, k, v, s, window=w, doc_ids=docs), [q, k, v, sinks], TOL)
+            lambda q, k, v, s: fused.attention(q, k, v, s, window=w, doc_ids=docs),
+            lambda q, k, v, s: fused.attention_torch(q, k, v, s, window=w, doc_ids=docs), [q, k, v, sinks], TOL)
         log("attention", label, out[f"check_{label}"])
-    ref_compiled = compiled(kernels.attention_torch)
+    ref_compiled = compiled(fused.attention_torch)
     for (B, T, Hq, Hkv, D) in S["attn_time"]:
         q, k, v = randn(B, T, Hq, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)
         sinks = randn(Hq)
-        fns = {"triton_sinks": lambda q, k, v, s: kernels.attention(q, k, v, s),
+        fns = {"triton_sinks": lambda q, k, v, s: fused.attention(q, k, v, s),
                # SDPA's flash path: no sinks (it cannot take them), causal, GQA, (B, H, T, D) layout
                "sdpa_flash_no_sinks": lambda q, k, v, s: F.scaled_dot_product_attention(
                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                    enable_gqa=True).transpose(1, 2)}
         if T <= 4096:  # the references hold (B, Hq, T, T) fp32 scores
-            fns["eager"] = lambda q, k, v, s: kernels.attention_torch(q, k, v, s)
+            fns["eager"] = lambda q, k, v, s: fused.attention_torch(q, k, v, s)
             fns["compile"] = lambda q, k, v, s: ref_compiled(q, k, v, s)
         key = f"time_causal_T{T}"
         if DEVICE == "cuda":
@@ -752,7 +757,7 @@ def check_attention():
         if all(isinstance(res.get(n), dict) and "ms" in res[n] for n in ("triton_sinks", "sdpa_flash_no_sinks")):
             res["triton_sinks_vs_sdpa_flash"] = round(res["sdpa_flash_no_sinks"]["ms"] / res["triton_sinks"]["ms"],
                                                       3)
-        sliding = {"triton_sinks": lambda q, k, v, s: kernels.attention(q, k, v, s, window=window)}
+        sliding = {"triton_sinks": lambda q, k, v, s: fused.attention(q, k, v, s, window=window)}
         out[f"time_sliding_T{T}"] = timings(f"attention sliding T={T}", sliding, [q, k, v, sinks],
                                             flops=attention_flops(B, T, Hq, D, window))
     return out
@@ -773,12 +778,12 @@ def check_attention_long():
         upstream[:, -n_last:] = randn(B, n_last, Hq, D)
         leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
         t0 = time.time()
-        full = kernels.attention(*leaves, window=window)
+        full = fused.attention(*leaves, window=window)
         full.backward(upstream)
         sync()
         seconds = time.time() - t0
         ref_leaves = [t.clone().requires_grad_() for t in (q[:, -n_last:], k, v, sinks)]
-        ref = kernels.attention_torch(*ref_leaves, window=window)
+        ref = fused.attention_torch(*ref_leaves, window=window)
         ref.backward(upstream[:, -n_last:])
 
         def rel(a, b):
@@ -800,32 +805,32 @@ def check_linear_cross_entropy():
     x, w = randn(N, C), randn(V, C, scale=0.02)
     targets = torch.randint(0, V, (N,), device=DEVICE)
     targets[::7] = -100
-    chunked = lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, use_triton=True)  # noqa: E731
-    out = {"check": compare(chunked, lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets), [x, w], TOL),
-           "check_torch_chunked": compare(lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets),
-                                          lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets), [x, w], TOL)}
+    chunked = lambda x, w: fused.linear_cross_entropy_chunked(x, w, targets, use_triton=True)  # noqa: E731
+    out = {"check": compare(chunked, lambda x, w: fused.linear_cross_entropy_torch(x, w, targets), [x, w], TOL),
+           "check_torch_chunked": compare(lambda x, w: fused.linear_cross_entropy_chunked(x, w, targets),
+                                          lambda x, w: fused.linear_cross_entropy_torch(x, w, targets), [x, w], TOL)}
     N, C, V = S["ce_time"]
     x, w = randn(N, C), randn(V, C, scale=0.02)
     targets = torch.randint(0, V, (N,), device=DEVICE)
     flops = 6 * N * C * V
     out["time"] = timings("linear_cross_entropy", {
-        "triton_chunked": lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
-        "torch_chunked": lambda x, w: kernels.linear_cross_entropy_chunked(x, w, targets),
-        "eager": lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets),
-        "compile": compiled(lambda x, w: kernels.linear_cross_entropy_torch(x, w, targets))}, [x, w], flops=flops)
+        "triton_chunked": lambda x, w: fused.linear_cross_entropy_chunked(x, w, targets, use_triton=True),
+        "torch_chunked": lambda x, w: fused.linear_cross_entropy_chunked(x, w, targets),
+        "eager": lambda x, w: fused.linear_cross_entropy_torch(x, w, targets),
+        "compile": compiled(lambda x, w: fused.linear_cross_entropy_torch(x, w, targets))}, [x, w], flops=flops)
     return out
 
 
 @section("cross_entropy_peak_memory")
 def check_ce_memory():
     if DEVICE != "cuda":
-        return "cuda only (the CPU measurement is tests/test_kernels.py::test_chunked_cross_entropy_peak_memory...)"
+        return "cuda only (the CPU measurement is tests/test_fused.py::test_chunked_cross_entropy_peak_memory...)"
     N, C, V = S["ce_memory"]
     x, w = randn(N, C).requires_grad_(), randn(V, C, scale=0.02).requires_grad_()
     targets = torch.randint(0, V, (N,), device=DEVICE)
     peaks = {}
-    for label, fn in [("plain", kernels.linear_cross_entropy_torch),
-                      ("fused_triton", lambda x, w, t: kernels.linear_cross_entropy_chunked(x, w, t, use_triton=True))]:
+    for label, fn in [("plain", fused.linear_cross_entropy_torch),
+                      ("fused_triton", lambda x, w, t: fused.linear_cross_entropy_chunked(x, w, t, use_triton=True))]:
         x.grad = w.grad = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -852,16 +857,16 @@ def moe_inputs(N, H, I, E, K):
 @section("moe_experts")
 def check_moe():
     x, top_idx, top_w, params = moe_inputs(*S["moe_check"])
-    out = {"check": compare(lambda x, w, *p: kernels.moe_experts(x, top_idx, w, *p),
-                            lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p), [x, top_w, *params], TOL)}
+    out = {"check": compare(lambda x, w, *p: fused.moe_experts(x, top_idx, w, *p),
+                            lambda x, w, *p: fused.moe_experts_torch(x, top_idx, w, *p), [x, top_w, *params], TOL)}
     log("moe check", out["check"])
     N, H, I, E, K = S["moe_time"]
     x, top_idx, top_w, params = moe_inputs(N, H, I, E, K)
     flops = 3 * 2 * N * K * (H * 2 * I + I * H)
-    ref_compiled = compiled(kernels.moe_experts_torch)
+    ref_compiled = compiled(fused.moe_experts_torch)
     out["time"] = timings("moe_experts", {
-        "triton": lambda x, w, *p: kernels.moe_experts(x, top_idx, w, *p),
-        "eager": lambda x, w, *p: kernels.moe_experts_torch(x, top_idx, w, *p),
+        "triton": lambda x, w, *p: fused.moe_experts(x, top_idx, w, *p),
+        "eager": lambda x, w, *p: fused.moe_experts_torch(x, top_idx, w, *p),
         "compile": lambda x, w, *p: ref_compiled(x, top_idx, w, *p)}, [x, top_w, *params], flops=flops)
     return out
 
@@ -874,11 +879,11 @@ def check_grouped_mm():
     flat = top_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     x_sorted = x[order // K].contiguous()  # (N*K, H)
-    (bm, _, _, _), _ = kernels._grouped_mm_config()
-    plan = kernels._moe_plan(flat, E, bm)
+    (bm, _, _, _), _ = fused._grouped_mm_config()
+    plan = fused._moe_plan(flat, E, bm)
     w = params[0]
-    ours = kernels._GroupedLinear.apply(x_sorted, w, None, *plan)
-    result = {"triton_ms": round(time_ms(lambda: kernels._GroupedLinear.apply(x_sorted, w, None, *plan)), 4)}
+    ours = fused._GroupedLinear.apply(x_sorted, w, None, *plan)
+    result = {"triton_ms": round(time_ms(lambda: fused._GroupedLinear.apply(x_sorted, w, None, *plan)), 4)}
     flops = 2 * N * K * H * 2 * I
     result["triton_tflops"] = round(flops / result["triton_ms"] / 1e9, 2)
     if not hasattr(torch, "_grouped_mm"):

@@ -1,31 +1,35 @@
 """
-Fused kernels for MedGPT-oss, each beside its plain-torch reference.
+The fused ops of MedGPT-oss: each as a plain-torch reference beside its Triton kernel, and the switch between them.
 
 Design choices
 - One switch: MEDGPT_KERNELS=torch|triton. Unset means triton for CUDA tensors and torch otherwise.
   `triton` on CPU tensors runs the Triton kernels under TRITON_INTERPRET=1 (set it before importing triton).
 - Every public function here has the same signature on both paths; model.py calls only these functions,
   so the model code never knows which path ran.
-- The torch references are the specification: written for clarity, fp32 math where precision matters,
-  and they are what the Triton kernels are tested against.
+- The torch references (`*_torch`, attention_mask) are the specification: written for clarity, fp32 math where
+  precision matters; the Triton kernels and the torch path's speed forms are tested against them.
+- The torch path runs faster forms of the same math where a CPU needs them (it is what trains and decodes on a
+  CPU): they live in fused_cpu.py, which imports only torch, and the dispatchers here pick them. The torch path
+  uses them on any device, so MEDGPT_KERNELS=torch on a GPU runs exactly what a CPU runs.
 
 Public functions (the seam model.py plugs into)
 - rms_norm(x, weight, eps)                                  RMSNorm with fp32 statistics
-- apply_rope(x, cos, sin, tables=None)                      RoPE on halves, x (B, T, H, D)
+- apply_rope(x, cos, sin)                                   RoPE on halves, x (B, T, H, D)
 - attention(q, k, v, sinks, window, doc_ids, key_mask)      GQA attention with sinks, causal, sliding window
 - swiglu(gate_up, limit, alpha)                             GPT-oss clamped SwiGLU on interleaved gate/up
 - moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, ...,
               decoding=False)                               decoding=True: a few tokens, slot by slot (torch path)
 - linear_cross_entropy(x, weight, targets, ignore_index, reduction)   unembedding + loss, no full logits
-- rows_matmul(x, w, bias), rope_tables(cos, sin, dtype)     decoding helpers (GPT.decode_step): one-row products
-  split along K over the CPU threads (MKL runs a one-row gemm on one thread), RoPE tables shared by all layers
 
-Torch path, beyond the references (CPU training and decoding)
-- attention for S == T: attention_blocked, blocks of ATTN_BLOCK_ROWS queries against only the keys they can see
-  (causal, window), GQA heads stacked as rows, sink folded into each row's max and sum, a hand-written backward
-  that keeps only the visible blocks' probabilities. About half the work of the full (T, T) scores for causal
-  layers and O(T * window) for sliding ones; attention_torch stays the plain specification it is tested against.
-- linear_cross_entropy: one in-place exp per chunk gives both the loss and the softmax.
+Torch path (the references, and what it runs instead of them)
+- rms_norm: rms_norm_torch; F.rms_norm when everything is fp32 (the same math in one op).
+- apply_rope: fused_cpu.apply_rope_tables (three ops over full-width tables; the same bits as apply_rope_torch).
+- attention: fused_cpu.attention_blocked for S == T (blocks of queries against only the keys they can see, a
+  hand-written backward), fused_cpu.attention_one_query for the KV-cache step, attention_torch otherwise.
+- moe_experts: moe_experts_torch (slots sorted by expert, one addmm per expert); with decoding=True and a few
+  slots, fused_cpu.moe_experts_few_slots.
+- linear_cross_entropy: chunked like the Triton path, one in-place exp per chunk for both the loss and the softmax;
+  linear_cross_entropy_torch is the unfused specification.
 
 Triton path (forward and backward, each an autograd.Function)
 - attention: FlashAttention-2 style tiling with an online softmax in base 2. The sink starts the running
@@ -34,7 +38,7 @@ Triton path (forward and backward, each an autograd.Function)
   documents are masked with doc_ids. Backward: one kernel for dk/dv (loops over the query heads of its
   GQA group, so no atomics and no per-query-head copies of k/v) and one for dq; the sink gradient
   -sum_i p_sink(i) * (dO_i . O_i) comes from the saved log-sum-exp. Memory is linear in T. The training
-  case S == T only: decoding with a KV cache (S > T) or a key_mask stays on the torch reference.
+  case S == T only: decoding with a KV cache (S > T) or a key_mask stays on the torch path.
 - linear_cross_entropy: tokens in chunks of about CE_CHUNK_BYTES of fp32 logits; each chunk's logits come
   from one matmul (cuBLAS), a Triton kernel turns them in place into the loss and d(loss)/d(logits),
   and the chunk's dx and dW (fp32 accumulator) are taken right away, so the (N, V) logits never exist.
@@ -47,7 +51,7 @@ Triton path (forward and backward, each an autograd.Function)
   the weighted sum back per token through the inverse permutation (deterministic: no atomics). The grouped
   GEMM's backward is the same kernel with W transposed for dx, and a per-expert kernel for dW and the bias.
   We write our own grouped GEMM rather than torch._grouped_mm because it runs on every GPU generation and
-  dtype (fp32 too) and in the interpreter on CPU; gpu_check.py times torch._grouped_mm beside it.
+  dtype (fp32 too) and in the interpreter on CPU; medgpt_tools/gpu_check.py times torch._grouped_mm beside it.
 - The interpreter's tl.dot is wrong on bf16 operands, so when interpreting the kernels upcast to fp32
   before every dot (DOT_F32).
 - What the interpreter hides (it runs programs one at a time, with exact fp32 dots): no two programs write one
@@ -55,14 +59,16 @@ Triton path (forward and backward, each an autograd.Function)
   execution order; offsets are int64 wherever they can pass 2^31 elements (the grouped GEMM's offsets inside
   one expert's W stay int32, and a W too large for them is refused); shapes past CUDA's grid limits are refused.
 - fp32 dots: MEDGPT_DOT_PRECISION=tf32 (default: tensor cores, ~1e-3 relative error) or ieee (full fp32, slow;
-  what gpu_check.py uses to compare the whole model with the torch path), passed to every tl.dot as the
-  constexpr PRECISION. Each value compiles its own kernel variant; bf16 operands ignore it.
+  what medgpt_tools/gpu_check.py uses to compare the whole model with the torch path), passed to every tl.dot as
+  the constexpr PRECISION. Each value compiles its own kernel variant; bf16 operands ignore it.
 """
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+
+import fused_cpu
 
 # Kernels are compiled or interpreted when triton is imported. Forcing triton without a GPU means
 # interpreting, so turn the interpreter on before the import (an explicit TRITON_INTERPRET wins).
@@ -128,7 +134,7 @@ def _use_triton(x: torch.Tensor) -> bool:
                            "or set MEDGPT_KERNELS=torch")
     if not x.is_cuda and not _INTERPRET:
         raise RuntimeError("MEDGPT_KERNELS=triton on CPU tensors needs the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before importing kernels (or triton)")
+                           "TRITON_INTERPRET=1 before importing fused (or triton)")
     return True
 
 
@@ -228,23 +234,15 @@ def rms_norm(x, weight, eps=1e-5):
 # RoPE (rotate halves, not interleaved pairs)
 
 
-def rope_tables(cos, sin, dtype):
-    """cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor -> the full-width tables
-    apply_rope_torch multiplies by, [cos, cos] and [-sin, sin], each (B or 1, T, 1, D) in dtype. Make them once
-    when several tensors share the positions (GPT.decode_step: every layer's q and k)."""
+def apply_rope_torch(x, cos, sin):
+    """x (B, T, H, D); cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor. Each head's
+    halves [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], with cos and sin in x's dtype (as transformers'
+    _apply_rotary_emb). The torch path runs fused_cpu.apply_rope_tables: the same products and sums, fewer ops."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]  # (1, T, D/2)
-    return (torch.cat((cos, cos), dim=-1)[:, :, None, :].to(dtype),  # (B, T, 1, D)
-            torch.cat((-sin, sin), dim=-1)[:, :, None, :].to(dtype))
-
-
-def apply_rope_torch(x, cos, sin, tables=None):
-    """x (B, T, H, D); cos, sin (T, D/2) or (B, T, D/2), already carrying YaRN's attention factor; tables:
-    rope_tables(cos, sin, x.dtype) when precomputed."""
-    cos, sin = rope_tables(cos, sin, x.dtype) if tables is None else tables
-    # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]: the same products
-    # and sums (so the same bits), in fewer ops; rolling by D/2 swaps the halves
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)  # (B or 1, T, 1, D/2)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 @_jit
@@ -297,14 +295,12 @@ class _RoPETriton(torch.autograd.Function):
         return _rope_launch(dy, cos, sin, -1.0), None, None  # the transpose of a rotation is the inverse
 
 
-def apply_rope(x, cos, sin, tables=None):
-    """tables: rope_tables(cos, sin, x.dtype) made once for several calls (the torch path uses them; Triton reads
-    cos and sin)."""
+def apply_rope(x, cos, sin):
     if _use_triton(x):
         if x.shape[-1] % 2:
             raise ValueError(f"apply_rope: head dim {x.shape[-1]} must be even (RoPE rotates halves)")
         return _RoPETriton.apply(x, cos, sin)
-    return apply_rope_torch(x, cos, sin, tables)
+    return fused_cpu.apply_rope_tables(x, fused_cpu.rope_tables(cos, sin, x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,111 +349,6 @@ def attention_torch(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_m
     probs = torch.softmax(logits, dim=-1)[..., :-1]  # drop the sink column: it takes no value
     out = probs @ vf  # (B, Hq, T, D)
     return out.transpose(1, 2).to(q.dtype)  # (B, T, Hq, D)
-
-
-ATTN_BLOCK_ROWS = 64  # query positions per block on the torch training path (fastest of 32/64/128 on a CPU)
-
-
-def _visible_keys(q_start, q_end, window):
-    """First key position any query in q_start..q_end-1 can see (S == T): later keys are causal-masked, earlier
-    ones are outside the window. The block's keys are [_visible_keys(...), q_end)."""
-    return max(0, q_start - window + 1) if window > 0 else 0
-
-
-def _query_blocks(T, window):
-    """(q0, q1, k0) for each block of queries q0..q1-1 of attention_blocked: its keys are k0..q1-1."""
-    for q0 in range(0, T, ATTN_BLOCK_ROWS):
-        q1 = min(T, q0 + ATTN_BLOCK_ROWS)
-        yield q0, q1, _visible_keys(q0, q1, window)
-
-
-def attention_blocked_pairs(T, window=0):
-    """(query, key) scores attention_blocked computes per sequence and head for S == T: the fp32 probabilities
-    its forward keeps for the backward (about T^2 / 2 + 32 T for full attention, about T * (window + 64) sliding)."""
-    return sum((q1 - q0) * (q1 - k0) for q0, q1, k0 in _query_blocks(T, window))
-
-
-class _AttentionBlocked(torch.autograd.Function):
-    """attention_torch's math for S == T, by blocks of ATTN_BLOCK_ROWS queries, each against only the keys it can
-    see: about half the products and softmax work of the full (T, T) scores for causal layers, and O(T * window)
-    for sliding ones. GQA groups the G query heads of a key/value head into the rows of one product, so keys and
-    values are never repeated. The sink is folded into each row's max and denominator (no concatenated column).
-    The forward keeps each block's probabilities (fp32) for the backward, which is written out by hand:
-    dV = P^T dO, dS = P * (dP - delta) with delta = rowsum(dO * O), dQ = dS K, dK = dS^T Q, d(sink) = -p_sink delta."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, sm_scale, window, doc_ids, keep):
-        B, T, Hq, D = q.shape
-        Hkv = k.shape[2]
-        G = Hq // Hkv
-        qs = (q.float() * sm_scale).view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D), pre-scaled
-        kt = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, T)  # (B, T, Hkv, D) -> (B*Hkv, D, T)
-        vf = v.float().permute(0, 2, 1, 3).reshape(B * Hkv, T, D)  # (B, T, Hkv, D) -> (B*Hkv, T, D)
-        sink = sinks.float().view(1, Hkv, G, 1, 1)
-        out = torch.empty(B, Hkv, G, T, D, device=q.device)
-        probs, p_sinks = [], []
-        for q0, q1, k0 in _query_blocks(T, window):
-            n, nk = q1 - q0, q1 - k0
-            q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)  # rows (head in group, position)
-            p = torch.bmm(q_rows, kt[:, :, k0:q1]).view(B, Hkv, G, n, nk)  # scores, made probabilities in place
-            # the block's queries are the last n of its nk key positions: attention_mask's layout for S > T
-            docs = doc_ids[:, k0:q1] if doc_ids is not None else None
-            mask = attention_mask(n, nk, q.device, window, docs)[:, :, None]  # (B or 1, 1, 1, n, nk)
-            p.masked_fill_(~mask, float("-inf"))
-            row_max = torch.maximum(p.amax(-1, keepdim=True), sink)  # (B, Hkv, G, n, 1); a row always sees itself
-            p.sub_(row_max).exp_()
-            p_sink = (sink - row_max).exp_()
-            denom = p.sum(-1, keepdim=True).add_(p_sink)
-            p.div_(denom)
-            if keep:  # for the backward; without autograd each block's probabilities are freed as it ends
-                p_sinks.append(p_sink.div_(denom))
-                probs.append(p)
-            block_out = torch.bmm(p.view(B * Hkv, G * n, nk), vf[:, k0:q1])  # (B*Hkv, G*n, D)
-            out[:, :, :, q0:q1] = block_out.view(B, Hkv, G, n, D)
-        if keep:
-            ctx.save_for_backward(qs, kt, vf, out, torch.cat(p_sinks, dim=3), *probs)
-        ctx.sm_scale, ctx.window, ctx.dtypes = sm_scale, window, (q.dtype, k.dtype, v.dtype, sinks.dtype)
-        return out.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D).to(q.dtype)  # (B, Hkv, G, T, D) -> (B, T, Hq, D)
-
-    @staticmethod
-    def backward(ctx, dout):
-        qs, kt, vf, out, p_sink, *probs = ctx.saved_tensors
-        B, Hkv, G, T, D = qs.shape
-        do = dout.float().view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)  # (B, T, Hq, D) -> (B, Hkv, G, T, D)
-        delta = (do * out).sum(-1, keepdim=True)  # (B, Hkv, G, T, 1): rowsum(P * dP) = dO . O
-        dq = torch.empty(B, Hkv, G, T, D, device=qs.device)
-        dk = torch.zeros(B * Hkv, T, D, device=qs.device)
-        dv = torch.zeros(B * Hkv, T, D, device=qs.device)
-        for block, (q0, q1, k0) in enumerate(_query_blocks(T, ctx.window)):
-            n, nk = q1 - q0, q1 - k0
-            p = probs[block]  # (B, Hkv, G, n, nk)
-            do_rows = do[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
-            q_rows = qs[:, :, :, q0:q1].reshape(B * Hkv, G * n, D)
-            dv[:, k0:q1] += torch.bmm(p.view(B * Hkv, G * n, nk).transpose(1, 2), do_rows)  # P^T dO
-            dp = torch.bmm(do_rows, vf[:, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, nk)
-            ds = dp.sub_(delta[:, :, :, q0:q1]).mul_(p).view(B * Hkv, G * n, nk)  # gradient of the scaled scores
-            dq[:, :, :, q0:q1] = torch.bmm(ds, kt[:, :, k0:q1].transpose(1, 2)).view(B, Hkv, G, n, D)
-            dk[:, k0:q1] += torch.bmm(ds.transpose(1, 2), q_rows)  # dS^T (scale * Q)
-        d_sinks = -(p_sink * delta).sum(dim=(0, 3, 4)).reshape(Hkv * G)
-        dq = dq.mul_(ctx.sm_scale).permute(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, D)  # -> (B, T, Hq, D)
-        dk = dk.view(B, Hkv, T, D).transpose(1, 2)  # (B*Hkv, T, D) -> (B, T, Hkv, D)
-        dv = dv.view(B, Hkv, T, D).transpose(1, 2)
-        q_dtype, k_dtype, v_dtype, s_dtype = ctx.dtypes
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), d_sinks.to(s_dtype), None, None, None, None
-
-
-def attention_blocked(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None):
-    """attention_torch for S == T (training, a prefill without padding) in blocks of queries: same inputs, same
-    output, far less work and memory (see _AttentionBlocked). The torch path of attention() for those shapes."""
-    B, T, Hq, D = q.shape
-    if k.shape[1] != T or Hq % k.shape[2]:
-        raise ValueError(f"attention_blocked: q {tuple(q.shape)} and k {tuple(k.shape)}: expected as many keys as "
-                         f"queries and query heads a multiple of key/value heads")
-    if T == 0:  # nothing to attend: the reference handles the empty shapes
-        return attention_torch(q, k, v, sinks, sm_scale, window, doc_ids)
-    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks))
-    return _AttentionBlocked.apply(q, k, v, sinks, sm_scale, int(window), doc_ids, keep)
 
 
 # Triton attention. q, k, v, out and their gradients are contiguous (B, T, H, D): the element (b, t, h, d)
@@ -700,32 +591,10 @@ class _AttentionTriton(torch.autograd.Function):
         return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
 
 
-def _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask):
-    """attention_torch for one query per row (T == 1, the KV-cache decoding step), in a third of the ops: the query
-    sits at key position S - 1, so causality holds for every key and the window is a slice; GQA groups the query
-    heads of each key/value head instead of repeating the keys. Math in fp32, as the reference."""
-    B, _, Hq, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
-    if window and S > window:  # visible: S - window < j <= S - 1
-        k, v = k[:, S - window:], v[:, S - window:]
-        key_mask = key_mask[:, S - window:] if key_mask is not None else None
-        S = window
-    G = Hq // Hkv
-    qg = q.float().reshape(B * Hkv, G, D)  # (B, 1, Hq, D) -> (B*Hkv, G, D): head h = kv head h // G
-    kt = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, S)  # (B, S, Hkv, D) -> (B*Hkv, D, S)
-    scores = torch.bmm(qg, kt).mul_(sm_scale).view(B, Hkv, G, S)  # (B*Hkv, G, S) -> (B, Hkv, G, S)
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-    sink = sinks.float().view(1, Hkv, G, 1).expand(B, -1, -1, -1)  # (B, Hkv, G, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # the sink column takes no value
-    vs = v.float().permute(0, 2, 1, 3).reshape(B * Hkv, S, D)  # (B, S, Hkv, D) -> (B*Hkv, S, D)
-    out = torch.bmm(probs.reshape(B * Hkv, G, S), vs)  # (B*Hkv, G, S) @ (B*Hkv, S, D) -> (B*Hkv, G, D)
-    return out.view(B, 1, Hq, D).to(q.dtype)  # (B*Hkv, G, D) -> (B, 1, Hq, D)
-
-
 def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=None):
-    """Training shapes (S == T, no key_mask): Triton, or on the torch path attention_blocked. Decoding with a KV
-    cache (S > T) or a key_mask: the torch reference (one query per row: its lean form, _attention_one_query)."""
+    """Training shapes (S == T, no key_mask): Triton, or on the torch path fused_cpu.attention_blocked. Decoding
+    with a KV cache (S > T) or a key_mask: the torch path on every device (one query against the cache is small and
+    memory-bound); one query per row runs fused_cpu.attention_one_query, anything else attention_torch."""
     if _use_triton(q) and k.shape[1] == q.shape[1] and key_mask is None:
         B, T, Hq, D = q.shape
         if Hq % k.shape[2]:
@@ -737,11 +606,11 @@ def attention(q, k, v, sinks, sm_scale=None, window=0, doc_ids=None, key_mask=No
                              f"axis, over CUDA's limit of {CUDA_MAX_GRID_Y}; split the batch")
         sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
         return _AttentionTriton.apply(q, k, v, sinks, sm_scale, int(window), doc_ids)
-    if q.shape[1] == 1 and doc_ids is None and q.shape[2] % k.shape[2] == 0:
-        sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-        return _attention_one_query(q, k, v, sinks, sm_scale, window, key_mask)
-    if k.shape[1] == q.shape[1] and key_mask is None and q.shape[2] % k.shape[2] == 0:
-        return attention_blocked(q, k, v, sinks, sm_scale, window, doc_ids)
+    grouped = q.shape[2] % k.shape[2] == 0
+    if q.shape[1] == 1 and doc_ids is None and grouped:
+        return fused_cpu.attention_one_query(q, k, v, sinks, sm_scale, window, key_mask)
+    if 0 < q.shape[1] == k.shape[1] and key_mask is None and grouped:
+        return fused_cpu.attention_blocked(q, k, v, sinks, sm_scale, window, doc_ids)
     return attention_torch(q, k, v, sinks, sm_scale, window, doc_ids, key_mask)
 
 
@@ -826,71 +695,10 @@ def swiglu(gate_up, limit=7.0, alpha=1.702):
 # MoE experts: tokens bucketed by expert, one matmul per expert
 
 
-def split_count(x, w):
-    """How many pieces a few-row product x (M, K) @ w (K, N) is split into along K (decoding). MKL runs a product of
-    one row on one thread, while decoding's whole cost is reading the weights: with P CPU threads an fp32 product
-    whose weight is worth it (64K elements or more: not a router's) becomes one bmm of P pieces, whose batch MKL
-    spreads over the threads, and the P partial products are summed (so the rounding depends on P). Two cores read
-    an expert's 256 x 512 fp32 weight in ~37 us this way, one in ~53 us; the 256 x 8192 unembedding in ~280 vs
-    ~410 us. (Splitting the columns instead was slower in the whole decode: 3.85 vs 3.49 ms/token.)"""
-    P = torch.get_num_threads()
-    if P == 1 or x.shape[1] % P or w.numel() < 2**16 or x.device.type != "cpu" or x.dtype != torch.float32:
-        return 1
-    return P
-
-
-def k_pieces(x, P):
-    """x (M, K) -> its P pieces along K, (P, M, K/P) (a view)."""
-    M, K = x.shape
-    return x.view(P, 1, K // P) if M == 1 else x.view(M, P, K // P).transpose(0, 1)
-
-
-def rows_matmul(x, w, bias=None):
-    """x (M, K) @ w (K, N) (+ bias (N,)) for a few rows (decoding): torch.addmm, or split over the CPU threads."""
-    P = split_count(x, w)
-    if P == 1:
-        return x @ w if bias is None else torch.addmm(bias, x, w)
-    K = x.shape[1]
-    y = torch.bmm(k_pieces(x, P), w.view(P, K // P, -1)).sum(0)  # (P, M, K/P) @ (P, K/P, N) -> (P, M, N) -> (M, N)
-    return y if bias is None else y + bias
-
-
-FEW_SLOTS = 64  # up to this many (token, expert) slots (decoding), the torch path runs slot by slot
-
-
 def _weighted_sum_of_slots(y, topk_weight):
-    """Expert outputs y (N, K, H) and routing weights (N, K) -> (N, H), sum_k w_k y_k, as one batched product:
-    forward and backward at N=1024, K=4, H=256 on a CPU, 0.5 ms against 3.9 ms for a broadcast mul then a sum."""
+    """Expert outputs y (N, K, H) and routing weights (N, K) -> (N, H), sum_k w_k y_k, as one batched product: one op
+    forward and two backward, where a broadcast multiply then a sum over K materialise (N, K, H) temporaries."""
     return torch.bmm(topk_weight.to(y.dtype)[:, None, :], y)[:, 0]  # (N, 1, K) @ (N, K, H) -> (N, 1, H) -> (N, H)
-
-
-def _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
-                           limit, alpha):
-    """Decoding's handful of slots: one product per slot and projection on its expert's weights, in slot order, so no
-    sorting, gathering or scattering: decoding a small model on a CPU is bound by reading the weights and by the
-    number of ops, not by FLOPs (one torch._grouped_mm per projection, the previous form, was ~15% slower per MoE
-    layer on one thread, and it cannot use a second one). With several CPU threads each fp32 product is split along
-    K over them (split_count)."""
-    N, K = topk_idx.shape
-    H, I = x.shape[1], down_proj.shape[1]
-    flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
-    experts = flat_expert.tolist()  # a host sync on GPUs
-    P = split_count(x, gate_up_proj[0])
-    if P == 1 or I % P:  # one addmm per slot, bias fused, as the sorted path computes it (bf16: the same bits)
-        rows = x.split(1)  # N views (1, H)
-        h = torch.cat([torch.addmm(gate_up_proj_bias[e], rows[s // K], gate_up_proj[e])
-                       for s, e in enumerate(experts)])  # (N*K, 2I)
-        h = swiglu_torch(h, limit, alpha).split(1)  # N*K views (1, I)
-        y = torch.cat([torch.addmm(down_proj_bias[e], h[s], down_proj[e]) for s, e in enumerate(experts)])
-    else:  # each product split along K over the threads; the partial products of all slots summed at once
-        rows = k_pieces(x, P).split(1, dim=1)  # N views (P, 1, H/P)
-        h = torch.cat([torch.bmm(rows[s // K], gate_up_proj[e].view(P, H // P, 2 * I))
-                       for s, e in enumerate(experts)], dim=1)  # (P, N*K, 2I)
-        h = swiglu_torch(h.sum(0) + gate_up_proj_bias[flat_expert], limit, alpha)  # (N*K, I)
-        slots = k_pieces(h, P).split(1, dim=1)  # N*K views (P, 1, I/P)
-        y = torch.cat([torch.bmm(slots[s], down_proj[e].view(P, I // P, H)) for s, e in enumerate(experts)], dim=1)
-        y = y.sum(0) + down_proj_bias[flat_expert]  # (P, N*K, H) -> (N*K, H)
-    return _weighted_sum_of_slots(y.view(N, K, H), topk_weight).to(x.dtype)  # (N*K, H) -> (N, K, H) -> (N, H)
 
 
 def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
@@ -899,16 +707,18 @@ def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias,
     down_proj (E, I, H), down_proj_bias (E, H). Returns (N, H): sum_k weight_k * expert_{idx_k}(x).
 
     Slots (token, choice) are sorted by expert and gathered once; each expert's rows go through addmm, SwiGLU,
-    addmm. decoding=True (GPT.decode_step, no autograd) with up to FEW_SLOTS slots runs slot by slot instead
-    (_moe_experts_few_slots, whose rounding depends on the thread count; training and prefill keep one summation
-    order on any number of processes and threads). Gathers are index_select: its backward is index_add."""
+    addmm. decoding=True (fused_cpu.decode_step, no autograd) with up to fused_cpu.FEW_SLOTS slots runs slot by slot
+    instead (fused_cpu.moe_experts_few_slots, whose rounding depends on the thread count; training and prefill keep
+    one summation order on any number of processes and threads). Gathers are index_select: its backward is
+    index_add."""
     N, K = topk_idx.shape
     E, H = gate_up_proj.shape[0], x.shape[1]
     if N == 0:
         return torch.zeros_like(x)
-    if decoding and N * K <= FEW_SLOTS:
-        return _moe_experts_few_slots(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
-                                      down_proj_bias, limit, alpha)
+    if decoding and N * K <= fused_cpu.FEW_SLOTS:
+        y = fused_cpu.moe_experts_few_slots(x, topk_idx, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
+                                            act=lambda h: swiglu_torch(h, limit, alpha))  # (N, K, H)
+        return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
     x_sorted = x.index_select(0, order // K)  # (N*K, H)
@@ -1171,7 +981,8 @@ def _cross_entropy_rows_torch(logits, targets, ignore_index, write_grad):
     safe_targets = torch.where(valid, targets, 0)
     target_logit = logits.gather(1, safe_targets[:, None])[:, 0]  # read before the logits are overwritten
     row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-    # one exp over the chunk, in place (torch.logsumexp, then exp for the softmax, took three times as long)
+    # one exp over the chunk, in place: the loss's log-sum-exp and the softmax share it (logsumexp, then exp for the
+    # softmax, would make two passes and two (n, V) temporaries)
     exps = logits.sub_(row_max).exp_()  # exp(logit - max)
     total = exps.sum(dim=-1, keepdim=True)  # (n, 1)
     losses = torch.where(valid, total[:, 0].log() + row_max[:, 0] - target_logit, 0.0)  # lse - logit[target]
