@@ -629,7 +629,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 #   language_model.lm_head.*, multi_modal_projector.*), from_pretrained reads it and transformers 5's own
 #   layouts; both through checkpoint.py, which streams tensor by tensor into the allocated parameters, so a
 #   LLaVA directory with MXFP4 experts loads without ever holding two copies of the model.
-# - The stages' sharded start (training.build_model: meta device + checkpoint.llava_reader / parts_reader)
+# - The stages' sharded start (training.llava_on_meta / parts_on_meta: meta device + checkpoint's readers)
 #   needs configs without weights: MedGPTConfig.from_json, MedGPTConfig.from_parts, and new_projector
 #   (from_parts' own seeded projector init, so both starts give the same values).
 
@@ -731,7 +731,7 @@ class MedGPTConfig:
     def from_parts(cls, lm_path, vision_path, vision_feature_layer=None, vision_feature_select_strategy=None,
                    **llava_fields):
         """The config MedGPT.from_parts builds, from the directories' config files alone (no weights read): the
-        meta-device start of stage 1 (training.build_model). Feature layer and strategy: None is the family's."""
+        meta-device start of stage 1 (training.parts_on_meta). Feature layer and strategy: None is the family's."""
         vision_config = vision_lib.read_vision_config(vision_path)[0]
         config = cls(text=GPTConfig.from_json(lm_path), vision=vision_config,
                      vision_feature_layer=vision_config.feature_layer if vision_feature_layer is None

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 import training
-from data.datasets import caption_sample, load_dataset
+from data.datasets import caption_sample
 from data.loader import DataLoader
 from model import MedGPT
 
@@ -168,7 +168,7 @@ def main(argv):
 
     # data: one image-caption pair per row, padded (no packing); the tokenizer travels with the LM's weights
     tok = training.tokenizer_for(cfg.lm_path if cfg.init_from == "parts" else "")
-    dataset = load_dataset(cfg.data, caption_sample, tok, training.image_tokens(model, cfg.max_tiles))
+    dataset = training.load_stage_data(cfg, caption_sample, tok, model, run)
     training.check_batch(cfg.global_batch, cfg.micro_batch, run.world_size, cfg.seq_len)
     loader = DataLoader(dataset, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch,
                         micro_batch_size=cfg.micro_batch, seed=cfg.seed, rank=run.rank, world_size=run.world_size,

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 import training
-from data.datasets import document_sample, load_dataset
+from data.datasets import document_sample
 from data.loader import DataLoader
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def main(argv):
 
     # data: documents packed into full rows, attention inside each document (doc_ids); one loader per phase
     tok = training.tokenizer_for(cfg.init_from)
-    dataset = load_dataset(cfg.data, document_sample, tok, training.image_tokens(model, cfg.max_tiles))
+    dataset = training.load_stage_data(cfg, document_sample, tok, model, run)
 
     def loader_for(seq_len, rows, phase):
         return DataLoader(dataset, seq_len=seq_len, global_batch_size=rows, micro_batch_size=cfg.micro_batch,

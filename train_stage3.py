@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 import training
-from data.datasets import conversation_sample, load_dataset
+from data.datasets import conversation_sample
 from data.loader import DataLoader
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def main(argv):
     # data: one harmony conversation per row, padded (no packing); loss on the assistant's output only
     tok = training.tokenizer_for(cfg.init_from)
     read_chat = functools.partial(conversation_sample, system_prompt=cfg.system_prompt or None)
-    dataset = load_dataset(cfg.data, read_chat, tok, training.image_tokens(model, cfg.max_tiles))
+    dataset = training.load_stage_data(cfg, read_chat, tok, model, run)
     training.check_batch(cfg.global_batch, cfg.micro_batch, run.world_size, cfg.seq_len)
     loader = DataLoader(dataset, seq_len=cfg.seq_len, global_batch_size=cfg.global_batch,
                         micro_batch_size=cfg.micro_batch, seed=cfg.seed, rank=run.rank, world_size=run.world_size,

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import checkpoint
 import vision
 import zero
-from data.datasets import ImageTokens
+from data.datasets import ImageTokens, load_dataset
 from data.tokenizer import load_tokenizer
 from model import GPTConfig, MedGPT, MedGPTConfig, new_projector, param_counts, rope_inv_freq
 
@@ -60,6 +60,7 @@ class TrainConfig:
     init_from: str = ""          # stage 1: "parts" or "scratch"; stages 2-3: a LLaVA dir (the previous final/)
     arch: str = "tiny"           # architecture for init_from=scratch and --dry_run: tiny | medgpt-20b
     data: str = ""               # stage JSONL or mixture JSON (see docs/data.md)
+    skip_bad: bool = False       # skip (count and list) records that cannot be read, instead of stopping
     seed: int = 1337
     # batch and context
     global_batch: int = 128      # sequences per optimizer step, over all processes
@@ -396,6 +397,15 @@ def image_tokens(model, max_tiles: int) -> ImageTokens:
                        tokens_per_tile=model.tokens_per_tile, image_token_id=model.image_token_id)
 
 
+def load_stage_data(cfg, read_record, tok, model, run):
+    """The stage's data set (data.datasets.load_dataset with this model's image tokens); with --skip_bad, the
+    records it skipped are counted and listed on rank 0 (never silently dropped)."""
+    dataset = load_dataset(cfg.data, read_record, tok, image_tokens(model, cfg.max_tiles), skip_bad=cfg.skip_bad)
+    if run.is_main and dataset.report.skipped:
+        print(f"{cfg.data}: {dataset.report.summary()}", flush=True)
+    return dataset
+
+
 def check_batch(rows: int, micro_batch: int, world_size: int, seq_len: int):
     """Rows per step must split evenly into micro-batches on every process."""
     if rows % (micro_batch * world_size):
@@ -427,7 +437,7 @@ def zero_units(model) -> list:
 
 def build_engine(cfg: TrainConfig, model, run: Run, load=None):
     """ZeRO3 (or, with --sharding=fsdp2, PyTorch's fully_shard as a reference) over `model` (trainability
-    already set): fp32 masters and AdamW state, compute in run.dtype. load: build_model's reader for a model
+    already set): fp32 masters and AdamW state, compute in run.dtype. load: the reader of llava_on_meta / parts_on_meta for a model
     on the meta device (ZeRO3 fills each rank's shard from it)."""
     if cfg.sharding not in ("zero3", "fsdp2"):
         raise SystemExit(f"--sharding={cfg.sharding}: expected zero3 or fsdp2")
@@ -435,8 +445,8 @@ def build_engine(cfg: TrainConfig, model, run: Run, load=None):
         raise SystemExit("--sharding=fsdp2 is a reference path without checkpoints: use --ckpt_every=0 and no "
                          "--resume, or --sharding=zero3")
     if cfg.sharding == "fsdp2" and load is not None:
-        raise ValueError("--sharding=fsdp2 needs a model with real weights (build_model loads the whole model for "
-                         "it); the sharded meta-device start is ZeRO3's")
+        raise ValueError("--sharding=fsdp2 needs a model with real weights (the whole-model start that "
+                         "--sharded_init=false makes); the sharded meta-device start is ZeRO3's")
     if cfg.router_aux_loss_coef >= 0:
         model.language_model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
     if cfg.sharding == "fsdp2":

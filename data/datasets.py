@@ -127,7 +127,7 @@ def read_jsonl(path, report, skip_bad):
 
 def bad(report, skip_bad, path, line_no, reason):
     if not skip_bad:
-        raise DataError(f"{path}:{line_no}: {reason} (fix the record, or pass skip_bad=True / --skip_bad to skip "
+        raise DataError(f"{path}:{line_no}: {reason} (fix the record, or pass --skip_bad (skip_bad=True) to skip "
                         "bad records and list them in the summary)")
     report.skipped.append((str(path), line_no, reason))
 

@@ -2,7 +2,7 @@
 One prepared GPU check for fused.py: correctness, speed, memory, and a GPT-oss-shaped training step.
 Run from the repository root:
 
-    python -m medgpt_tools.gpu_check               # one H100/H200, at most ~5 minutes; JSON to $OUT/gpu_check.json
+    python -m medgpt_tools.gpu_check               # one H100/H200, at most ~5 minutes; JSON to ./gpu_check.json
     python -m medgpt_tools.gpu_check --out=x.json  # JSON elsewhere
     python -m medgpt_tools.gpu_check --dry         # CPU, tiny shapes, Triton interpreter: catches errors first
 
@@ -52,7 +52,7 @@ TARGETS = {"kernel_speedup_vs_eager": 1.5, "attention_vs_sdpa_flash": 0.6, "ce_p
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--out", default=None, help="JSON summary path (default: $OUT/gpu_check.json or ./)")
+    parser.add_argument("--out", default=None, help="JSON summary path (default: ./gpu_check.json)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny shapes, TRITON_INTERPRET=1")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole check (default 270 on a GPU, 900 with --dry)")
@@ -116,7 +116,7 @@ def configure(argv=None):
     DEVICE = "cpu" if ARGS.dry else "cuda"
     START = time.time()
     SUMMARY = {"device": None, "dry": ARGS.dry, "sections": {}, "targets": TARGETS}
-    OUT_PATH = ARGS.out or os.path.join(os.environ.get("OUT", "."), "gpu_check.json")
+    OUT_PATH = ARGS.out or "gpu_check.json"
     S = SHAPES_DRY if ARGS.dry else SHAPES_GPU
     DTYPE = torch.float32 if ARGS.dry else torch.bfloat16  # the interpreter's bf16 dot is wrong; fp32 when dry
     TOL = 1e-3 if ARGS.dry else 3e-2  # bf16 kernels against an fp32-math reference
