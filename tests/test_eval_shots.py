@@ -99,7 +99,8 @@ def test_shots_become_earlier_harmony_turns(release):
     unit = ev.with_shots(items[:1], [1], pool, "random", 0)[0]
     tok = load_tokenizer()
     model = type("Spec", (), {"image_token_id": 200_000, "tokens_per_tile": 3,
-                              "vision_tower": type("T", (), {"config": V.CLIPVisionConfig(image_size=56)})()})()
+                              "vision_tower": type("T", (), {"config": V.CLIPVisionConfig(image_size=56)})(),
+                              "config": type("C", (), {"preprocessing": None})()})()  # None: CLIP's
     encoder = ev.Encoder(tok, model, is_multimodal=True)
     shot = unit["shot_examples"][0]
     messages = [{"role": "user", "content": shot["prompt"]}, {"role": "assistant", "content": shot["answer"]},
