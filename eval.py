@@ -36,7 +36,6 @@ Design choices
 import argparse
 import difflib
 import functools
-import hashlib
 import json
 import os
 import random
@@ -56,7 +55,7 @@ import model as modeling
 import report_metrics
 import vision
 import zero
-from data.leakage import load_hashes, text_sha256
+from data.leakage import file_sha256, load_hashes, text_sha256
 from data.harmony import render_generation_prompt
 from data.mimic import TASKS, TRAIN_MAX_VIEWS, report_prompt
 from data.tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, START, decode, encode_ordinary
@@ -506,15 +505,15 @@ def test_image_hashes(items):
     """sha256 of every image of the test items (the prior study's too): no exemplar may share one."""
     hashes = set()
     for item in items:
-        hashes.update(item.get("image_sha256") or [sha256_file(p) for p in item["image_paths"]])
+        hashes.update(item.get("image_sha256") or [file_sha256(p) for p in item["image_paths"]])
         if item.get("prior"):
-            hashes.update(item["prior"].get("image_sha256") or [sha256_file(p) for p in item["prior"]["image_paths"]])
+            hashes.update(item["prior"].get("image_sha256") or [file_sha256(p) for p in item["prior"]["image_paths"]])
     return hashes
 
 
 def shares_test_image(exemplar, test_hashes):
     if "image_sha256" not in exemplar:   # hashed when first considered, not the whole pool up front
-        exemplar["image_sha256"] = [sha256_file(p) for p in exemplar["image_paths"]]
+        exemplar["image_sha256"] = [file_sha256(p) for p in exemplar["image_paths"]]
     return bool(set(exemplar["image_sha256"]) & test_hashes)
 
 
@@ -725,14 +724,6 @@ def shots_table(results):
 # Contamination check against the training data's hash record
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_training_hashes(paths):
     """(image hashes, question hashes) of the training data: hashes.jsonl files, or directories searched for them
     (lines `{"kind": "image" | "text", "sha256": ..., "ref": ...}`, written by data/convert.py and data/demo.py)."""
@@ -749,7 +740,7 @@ def overlap_warnings(items, train_images, train_questions):
     (hashes the item lacks are computed as the converters compute them)."""
     counts = {}
     for item in items:
-        image_hashes = item.get("image_sha256") or [sha256_file(p) for p in item["image_paths"]]
+        image_hashes = item.get("image_sha256") or [file_sha256(p) for p in item["image_paths"]]
         hit_image = any(h in train_images for h in image_hashes)
         hit_question = (item.get("question_sha256") or text_sha256(item["question"])) in train_questions
         if hit_image or hit_question:
