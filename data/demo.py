@@ -333,7 +333,7 @@ def source_views(source, seed, size):
 # -----------------------------------------------------------------------------
 # Questions, captions, conversations
 
-def image_questions(source, plane, rng):
+def image_questions(source, rng):
     """[(kind, question_type, question, options, answer)] that the image answers truthfully: its modality."""
     return [("modality", "closed", rng.choice(MODALITY_QUESTIONS), None, source.modality)]
 
@@ -442,7 +442,7 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
         # One question per conversation, right after the image, as eval.py asks it. In a multi-turn chat the later
         # answers follow from the earlier ones ("ct" -> "head"), a text shortcut a tiny model takes instead of
         # learning to read the image.
-        for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, plane, rng)):
+        for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, rng)):
             turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)},
                      {"from": "gpt", "value": answer}]
             conversations.append({"id": f"{os.path.basename(rel).removesuffix('.png')}-{k}", "image": rel,
@@ -482,8 +482,8 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100):
     # held-out evaluation items (eval item format of docs/internals.md)
     eval_rng = random.Random(f"{seed}:eval")
     items, dropped, eval_answers = [], Counter(), defaultdict(Counter)
-    for source, plane, rel, digest, _ in eval_images:
-        for kind, qtype, question, options, answer in image_questions(source, plane, eval_rng):
+    for source, _, rel, digest, _ in eval_images:
+        for kind, qtype, question, options, answer in image_questions(source, eval_rng):
             if answer not in train_answers[kind]:
                 dropped[f"{kind}={answer}"] += 1  # never seen in training: not a fair question for the demo
                 continue
@@ -656,9 +656,9 @@ def demo_report(root: str, controls: dict) -> str:
     for (what, name), ids in sorted(groups.items()):
         answers = Counter(items[i]["answer"] for i in ids)
         constant, hits = answers.most_common(1)[0]
-        lines.append(f"| {what} {name} | {len(ids)} | {percent([mine[i] for i in ids])} | "
-                     f"{percent([controls['shuffled'][i] for i in ids])} | {percent([controls['blank'][i] for i in ids])} | "
-                     f"{100 * hits / len(ids):.1f}% ('{constant}') |")
+        on_shuffled, on_blank = [controls["shuffled"][i] for i in ids], [controls["blank"][i] for i in ids]
+        lines.append(f"| {what} {name} | {len(ids)} | {percent([mine[i] for i in ids])} | {percent(on_shuffled)} | "
+                     f"{percent(on_blank)} | {100 * hits / len(ids):.1f}% ('{constant}') |")
     accuracy = sum(mine.values()) / len(mine)
     shuffled = sum(controls["shuffled"].values()) / len(mine)
     oracle = stats["best_constant_baseline_demo_vqa"]  # the best constant answer per kind, chosen on held-out

@@ -198,7 +198,8 @@ def test_every_image_question_asks_the_sources_modality(built):
     per_source = Counter(os.path.basename(i["images"][0]).rsplit("_", 1)[0] for i in items)
     assert per_source == {s.name: demo.EVAL_VIEWS for s in demo.SOURCES if s.split == "eval"}
     for item in items:
-        assert item["kind"] == "modality" and item["answer"] == truth[os.path.basename(item["images"][0]).rsplit("_", 1)[0]]
+        source = os.path.basename(item["images"][0]).rsplit("_", 1)[0]
+        assert item["kind"] == "modality" and item["answer"] == truth[source]
 
 
 def test_control_items_keep_questions_and_permute_images(built):
@@ -210,7 +211,8 @@ def test_control_items_keep_questions_and_permute_images(built):
         item["image_paths"] = [str(out / "eval" / "demo_vqa" / item["images"][0])]
     controls = demo.control_items(items, "blank.png")
     shuffled = controls["shuffled"]
-    assert [(c["id"], c["question"], c["answer"]) for c in shuffled] == [(i["id"], i["question"], i["answer"]) for i in items]
+    fields = lambda rows: [(r["id"], r["question"], r["answer"]) for r in rows]
+    assert fields(shuffled) == fields(items)
     assert sorted(c["image_paths"][0] for c in shuffled) == sorted(i["image_paths"][0] for i in items)
     moved = sum(c["image_paths"] != i["image_paths"] for c, i in zip(shuffled, items))
     assert moved > 0.9 * len(items)
