@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train_stage2.py --preset=tiny
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 train_stage3.py --preset=tiny
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 eval.py --model out/demo/stage3/final --bench demo_vqa \
-		--data_dir out/demo/data/eval --out_dir out/demo/eval --batch_size 32 --reasoning --max_new_tokens 24
+		--data_dir out/demo/data/eval --out_dir out/demo/eval --batch_size 32 --max_new_tokens 8
 	$(PY) -m data.demo --report out/demo
 
 clean:

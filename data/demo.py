@@ -18,12 +18,16 @@ Design choices
   split is by source: the held-out set shares no image, series or volume with training.
 - Augmentation that stays true to the image: random square crops, random intensity windows, other frames of a
   multi-frame series, other slices (in three planes) of a volume; flips only where no answer depends on side.
+- The image question is the one a from-scratch tower learns from 16 sources and carries to series it never saw:
+  the modality (closed). Region, plane, radiograph projection and orientation were measured with the same tower
+  (docs/demo_data.md) and stay below the best constant answer on held-out series, so they are in the captions
+  (stages 1-2), not asked. Many views per source (48): crops, windows, frames and slices, so the tower learns the
+  modality rather than the 16 images.
 - Stage 3 has one question per conversation, image first, exactly as eval asks it (a multi-turn chat lets a tiny
   model answer later questions from earlier answers instead of the image); the 1,544 text-only report questions
   get weight 0.1 in stage3.json so the image questions are not drowned.
-- Modality questions think first: each form (closed, yes/no, letter) carries the analysis message "Modality: ct",
-  and 1,500 text-only drills teach the step from a named modality to each answer form, so the three forms can
-  agree (a tiny model otherwise learns each form per training image). Evaluate with eval.py --reasoning.
+- The report's control: the same model on the same held-out questions with the images shuffled among them (and
+  with a blank image); the gap to the real images is what the model reads from the pixels.
 - Eval asks a question only when its answer also occurs in training (a tiny model cannot name a class it never
   saw); `stats.json` counts what was left out and gives the majority-answer baseline to beat, and a stricter one:
   the best constant answer per kind chosen on the held-out answers themselves.
@@ -60,16 +64,9 @@ SUFFIX = {
 }
 MODALITY_QUESTIONS = ["What imaging modality is shown?", "Which modality was used to acquire this image?",
                       "What kind of image is this?"]
-REGION_QUESTIONS = ["Which body region is shown?", "What part of the body does this image show?"]
-PLANE_QUESTIONS = ["In which plane is this image?", "What is the imaging plane?"]
-VIEW_QUESTIONS = ["What is the projection of this radiograph?", "Is this an AP or a PA view?"]
-YES_NO_TEMPLATE = "Is this a {} image?"
-MODALITY_KINDS = ("modality", "modality_choice", "modality_yes_no")
-THINKING = "Modality: {}"  # the analysis message of a modality question; " ct" is the token of option "B. ct"
-DRILL_HINT = "The image is described as: {}."
-N_DRILLS = 1500
-TRAIN_VIEWS = 24  # augmented views per training source: many distinct views teach more than many passes over few
-EVAL_VIEWS = 24
+TRAIN_VIEWS = 48  # augmented views per training source: many distinct views teach more than many passes over few
+EVAL_VIEWS = 48
+CONTROL_SEED = 0  # the permutation of the shuffled-image control
 CAPTION_NAMES = {"ct": "CT", "mri": "MR", "x-ray": "radiograph", "ultrasound": "ultrasound",
                  "nuclear medicine": "nuclear medicine", "fundus photograph": "fundus photograph",
                  "histology": "histology"}
@@ -130,13 +127,14 @@ SOURCES = [
            (("Modality", "MR"), ("BodyPartExamined", "HEAD"))),
     Source("mr_head_nib_epi", "nibabel", "example4d.nii.gz", "eval", "mri", "head",
            "nibabel's example 4D head MR (first volume); planes from the affine", NIBABEL_LICENCE,
-           "nibabel tests/data/example4d.nii.gz", (), n_images=18),
+           "nibabel tests/data/example4d.nii.gz", ()),
     # --- radiographs ---
     Source("xray_chest", "pydicom-data", "RG1_UNCR.dcm", "train", "x-ray", "chest",
            "Modality=CR; BodyPartExamined=CHEST; ViewPosition=PA", PYDICOM_DATA_LICENCE,
            "pydicom-data RG1_UNCR.dcm (NEMA WG04 RG1)",
            (("Modality", "CR"), ("BodyPartExamined", "CHEST"), ("ViewPosition", "PA")), view="pa"),
-    Source("xray_tibia", "pydicom-data", "RG3_UNCR.dcm", "eval", "x-ray", "lower leg",
+    # the only other radiograph: in training too (a held-out radiograph needs more than one radiograph to learn from)
+    Source("xray_tibia", "pydicom-data", "RG3_UNCR.dcm", "train", "x-ray", "lower leg",
            "Modality=CR; BodyPartExamined=EXTREMITY; StudyDescription: distal tibia; ViewPosition=AP",
            PYDICOM_DATA_LICENCE, "pydicom-data RG3_UNCR.dcm (NEMA WG04 RG3)",
            (("Modality", "CR"), ("BodyPartExamined", "EXTREMITY"), ("ViewPosition", "AP")), view="ap"),
@@ -335,44 +333,9 @@ def source_views(source, seed, size):
 # -----------------------------------------------------------------------------
 # Questions, captions, conversations
 
-def image_questions(source, plane, rng):
-    """[(kind, question_type, question, options, answer)] that the image answers truthfully."""
-    questions = [("modality", "closed", rng.choice(MODALITY_QUESTIONS), None, source.modality)]
-    if source.region:
-        questions.append(("region", "closed", rng.choice(REGION_QUESTIONS), None, source.region))
-    if plane:
-        questions.append(("plane", "closed", rng.choice(PLANE_QUESTIONS), None, plane))
-    if source.view:
-        questions.append(("view", "closed", rng.choice(VIEW_QUESTIONS), None, source.view))
-    return questions + modality_form_questions(source.modality, rng)
-
-
-def modality_form_questions(modality, rng):
-    """The yes/no and the multiple-choice form of the modality question (random other modalities)."""
-    asked = modality if rng.random() < 0.5 else rng.choice([m for m in MODALITIES if m != modality])
-    questions = [("modality_yes_no", "yes_no", YES_NO_TEMPLATE.format(CAPTION_NAMES[asked]), None,
-                  "yes" if asked == modality else "no")]
-    choices = [modality] + rng.sample([m for m in MODALITIES if m != modality], 3)
-    rng.shuffle(choices)
-    options = {letter: choice for letter, choice in zip("ABCD", choices)}
-    answer = next(letter for letter, choice in options.items() if choice == modality)
-    questions.append(("modality_choice", "multiple_choice", "Which imaging modality is shown?", options, answer))
-    return questions
-
-
-def modality_drills(n, rng):
-    """Text-only chats that teach the three answer forms to follow a named modality: the user states it, the
-    analysis repeats it, the answer puts it in the question's form (word, yes/no, letter). No image, no
-    held-out data; the image chats then only have to get the analysis right."""
-    chats = []
-    for i in range(n):
-        modality = rng.choice(MODALITIES)
-        kind, qtype, question, options, answer = ([("modality", "closed", rng.choice(MODALITY_QUESTIONS), None,
-                                                    modality)] + modality_form_questions(modality, rng))[i % 3]
-        chats.append({"id": f"drill-{i:05d}", "conversations": [
-            {"from": "human", "value": DRILL_HINT.format(modality) + "\n" + prompt_text(qtype, question, options)},
-            {"from": "gpt", "value": answer, "thinking": THINKING.format(modality)}]})
-    return chats
+def image_questions(source, rng):
+    """[(kind, question_type, question, options, answer)] that the image answers truthfully: its modality."""
+    return [("modality", "closed", rng.choice(MODALITY_QUESTIONS), None, source.modality)]
 
 
 def prompt_text(question_type, question, options):
@@ -452,7 +415,7 @@ def report_questions(labels, rng):
 # -----------------------------------------------------------------------------
 # The build
 
-def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
+def build(out_dir, seed=1337, size=128, n_eval_reports=100):
     """Write the demo data set to out_dir; returns the statistics (also written to stats.json)."""
     t0 = time.time()
     os.makedirs(os.path.join(out_dir, "imgs", "train"), exist_ok=True)
@@ -479,11 +442,9 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
         # One question per conversation, right after the image, as eval.py asks it. In a multi-turn chat the later
         # answers follow from the earlier ones ("ct" -> "head"), a text shortcut a tiny model takes instead of
         # learning to read the image.
-        for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, plane, rng)):
-            reply = {"from": "gpt", "value": answer}
-            if think and kind in MODALITY_KINDS:  # name the modality first, then answer in the question's form
-                reply["thinking"] = THINKING.format(source.modality)
-            turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)}, reply]
+        for k, (kind, qtype, question, options, answer) in enumerate(image_questions(source, rng)):
+            turns = [{"from": "human", "value": "<image>\n" + prompt_text(qtype, question, options)},
+                     {"from": "gpt", "value": answer}]
             conversations.append({"id": f"{os.path.basename(rel).removesuffix('.png')}-{k}", "image": rel,
                                   "conversations": turns})
             train_answers[kind][answer] += 1
@@ -518,17 +479,13 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
                 train_answers["report_yes_no"][answer] += 1
                 hashes.append({"kind": "text", "sha256": text_sha256(user), "ref": report_id})
 
-    drills = modality_drills(N_DRILLS, random.Random(f"{seed}:drills")) if think else []
-
     # held-out evaluation items (eval item format of docs/internals.md)
     eval_rng = random.Random(f"{seed}:eval")
     items, dropped, eval_answers = [], Counter(), defaultdict(Counter)
-    for source, plane, rel, digest, _ in eval_images:
-        for kind, qtype, question, options, answer in image_questions(source, plane, eval_rng):
-            concept = {"modality_yes_no": "modality", "modality_choice": "modality"}.get(kind, kind)
-            truth = source.modality if concept == "modality" else answer
-            if truth not in train_answers[concept]:
-                dropped[f"{concept}={truth}"] += 1  # never seen in training: not a fair question for the demo
+    for source, _, rel, digest, _ in eval_images:
+        for kind, qtype, question, options, answer in image_questions(source, eval_rng):
+            if answer not in train_answers[kind]:
+                dropped[f"{kind}={answer}"] += 1  # never seen in training: not a fair question for the demo
                 continue
             eval_answers[kind][answer] += 1
             items.append({"id": f"demo_vqa-{len(items):05d}", "benchmark": "demo_vqa", "question_type": qtype,
@@ -548,7 +505,6 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
     write_jsonl(os.path.join(out_dir, "interleaved.jsonl"), interleaved)
     write_jsonl(os.path.join(out_dir, "conversations.jsonl"), conversations)
     write_jsonl(os.path.join(out_dir, "text_conversations.jsonl"), text_conversations)
-    write_jsonl(os.path.join(out_dir, "modality_drills.jsonl"), drills)
     write_jsonl(os.path.join(out_dir, "hashes.jsonl"), hashes)
     write_jsonl(os.path.join(eval_dir, "test.jsonl"), items)
     os.makedirs(os.path.join(out_dir, "eval", "demo_report_qa"), exist_ok=True)
@@ -556,15 +512,13 @@ def build(out_dir, seed=1337, size=128, n_eval_reports=100, think=True):
     write_json(os.path.join(out_dir, "stage1.json"), {"datasets": [{"path": "captions.jsonl", "weight": 1.0}]})
     write_json(os.path.join(out_dir, "stage2.json"), {"datasets": [{"path": "interleaved.jsonl", "weight": 1.0},
                                                                   {"path": "text.jsonl", "weight": 0.5}]})
-    stage3 = [{"path": "conversations.jsonl", "weight": 1.0}, {"path": "text_conversations.jsonl", "weight": 0.1}]
-    if drills:  # --no-think writes none; an empty data set would stop stage 3
-        stage3.insert(1, {"path": "modality_drills.jsonl", "weight": 1.0})
-    write_json(os.path.join(out_dir, "stage3.json"), {"datasets": stage3})
+    write_json(os.path.join(out_dir, "stage3.json"), {"datasets": [{"path": "conversations.jsonl", "weight": 1.0},
+                                                                  {"path": "text_conversations.jsonl", "weight": 0.1}]})
     write_json(os.path.join(out_dir, "manifest.json"), manifest(seed, size, train_images, eval_images, len(reports)))
     stats = statistics(train_images, eval_images, train_answers, eval_answers, items + report_eval, dropped)
     stats.update(seed=seed, size=size,
                  files={"captions": len(captions), "text": len(texts), "interleaved": len(interleaved),
-                        "conversations": len(conversations), "modality_drills": len(drills), "text_conversations": len(text_conversations),
+                        "conversations": len(conversations), "text_conversations": len(text_conversations),
                         "eval/demo_vqa": len(items), "eval/demo_report_qa": len(report_eval)})
     write_json(os.path.join(out_dir, "stats.json"), stats)  # byte-identical across runs: no timings in it
     return {**stats, "build_seconds": round(time.time() - t0, 2)}
@@ -633,9 +587,53 @@ def print_stats(stats):
 # `make demo`'s closing report: python -m data.demo --report out/demo
 
 
-def demo_report(root: str) -> str:
-    """Loss per stage, held-out accuracy per question kind against the majority-answer baseline, and the trained
-    model answering one held-out image question. Reads what the demo's steps wrote under root."""
+MAX_NEW_TOKENS = 8  # as the Makefile's eval.py call: the longest answer, "fundus photograph", is 3 tokens
+
+
+def load_demo_model(root: str) -> tuple:
+    """(model, is_multimodal, encoder) of the finished demo model, as eval.py builds them (greedy, no reasoning)."""
+    final = os.path.join(root, "stage3", "final")
+    model, is_multimodal = harness.load_model(final, torch.float32, "cpu")
+    return model, is_multimodal, harness.Encoder(harness.load_tokenizer_for(final), model, is_multimodal)
+
+
+def control_items(items: list, blank: str) -> dict:
+    """{'shuffled': the items with their images permuted among them (CONTROL_SEED), 'blank': with one blank image}."""
+    order = list(range(len(items)))
+    random.Random(CONTROL_SEED).shuffle(order)
+    return {"shuffled": [{**item, "image_paths": items[j]["image_paths"]} for item, j in zip(items, order)],
+            "blank": [{**item, "image_paths": [blank]} for item in items]}
+
+
+def image_controls(root: str, model, is_multimodal, encoder) -> dict:
+    """The same model on the same held-out questions with other pixels: {control: {item id: correct}}.
+    'shuffled': each question gets the image of another item (a fixed permutation, CONTROL_SEED), so the answer
+    mix and the image mix stay as they were and only the pairing is lost; 'blank': one black image for all.
+    The predictions go to <root>/eval/controls.jsonl."""
+    items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa")
+    blank = os.path.join(root, "eval", "blank.png")
+    Image.new("L", (128, 128)).save(blank)
+    results, rows = {}, []
+    for name, controls in control_items(items, blank).items():
+        print(f"control '{name}': {len(controls)} held-out questions", flush=True)
+        predictions = harness.predict(model, is_multimodal, encoder, controls, 32, MAX_NEW_TOKENS)
+        results[name] = {}
+        for item, prediction in zip(controls, predictions):
+            correct = harness.score_item(item, prediction)["correct"]
+            results[name][item["id"]] = correct
+            rows.append({"control": name, "id": item["id"], "image": item["image_paths"][0],
+                         "prediction": prediction, "answer": item["answer"], "correct": correct})
+    write_jsonl(os.path.join(root, "eval", "controls.jsonl"), rows)
+    return results
+
+
+def percent(flags) -> str:
+    return f"{100 * sum(flags) / len(flags):.1f}%" if flags else "-"
+
+
+def demo_report(root: str, controls: dict) -> str:
+    """Loss per stage; held-out accuracy per question kind and per held-out source beside the image controls
+    (shuffled, blank) and the best constant answer; the two gaps that are the demo's headline."""
     lines = ["", "## MedGPT-oss nano demo: results", "", "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
     for stage in ("stage1", "stage2", "stage3"):
         with open(os.path.join(root, stage, "metrics.jsonl")) as f:
@@ -644,44 +642,44 @@ def demo_report(root: str) -> str:
     with open(os.path.join(root, "data", "stats.json")) as f:
         stats = json.load(f)
     with open(os.path.join(root, "data", "eval", "demo_vqa", "test.jsonl")) as f:
-        kind_of = {item["id"]: item["kind"] for item in map(json.loads, f)}
+        items = {item["id"]: item for item in map(json.loads, f)}
     with open(os.path.join(root, "eval", "items.jsonl")) as f:
         records = [r for r in map(json.loads, f) if r["benchmark"] == "demo_vqa"]
-    lines += ["", "| held-out question kind | n | trained model | majority answer (from training) |", "|---|---|---|---|"]
-    for kind, base in stats["majority_baseline"].items():
-        mine = [r["correct"] for r in records if kind_of.get(r["id"]) == kind]
-        if mine:
-            lines.append(f"| {kind} | {len(mine)} | {100 * sum(mine) / len(mine):.1f}% | "
-                         f"{100 * base['accuracy']:.1f}% ('{base['majority_train_answer']}') |")
-    accuracy = sum(r["correct"] for r in records) / len(records)
-    baseline = stats["majority_baseline_demo_vqa"]
+    source_of = lambda item_id: os.path.basename(items[item_id]["images"][0]).rsplit("_", 1)[0]
+    groups = defaultdict(list)  # (what, name) -> record ids
+    for r in records:
+        groups[("kind", items[r["id"]]["kind"])].append(r["id"])
+        groups[("source", source_of(r["id"]))].append(r["id"])
+    mine = {r["id"]: r["correct"] for r in records}
+    lines += ["", "| held-out images | n | trained model | shuffled images | blank image | best constant answer |",
+              "|---|---|---|---|---|---|"]
+    for (what, name), ids in sorted(groups.items()):
+        constant, hits = Counter(items[i]["answer"] for i in ids).most_common(1)[0]
+        # a source has one answer: its constant would read 100%, so its row names the answer instead
+        base = f"{100 * hits / len(ids):.1f}% ('{constant}')" if what == "kind" else f"(all '{constant}')"
+        on_shuffled, on_blank = [controls["shuffled"][i] for i in ids], [controls["blank"][i] for i in ids]
+        lines.append(f"| {what} {name} | {len(ids)} | {percent([mine[i] for i in ids])} | {percent(on_shuffled)} | "
+                     f"{percent(on_blank)} | {base} |")
+    accuracy = sum(mine.values()) / len(mine)
+    shuffled = sum(controls["shuffled"].values()) / len(mine)
+    oracle = stats["best_constant_baseline_demo_vqa"]  # the best constant answer per kind, chosen on held-out
     with open(os.path.join(root, "eval", "results.json")) as f:
         low, high = json.load(f)["benchmarks"]["demo_vqa"]["ci95"]  # eval.py's bootstrap interval, in percent
-    verdict = "beats" if accuracy > baseline else "does NOT beat"
-    # say whether the margin is more than resampling noise: the baseline inside the interval means it is not
-    margin = ("clearly (the baseline is below the 95% interval)" if 100 * baseline < low else
-              "but within noise (the baseline is inside the 95% interval)" if accuracy > baseline else "")
-    lines += [f"| **all demo_vqa** | {len(records)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
-              f"{100 * baseline:.1f}% |", "",
-              f"The trained model {verdict} the majority-answer baseline on held-out images {margin}".rstrip() + "."]
-    oracle = stats.get("best_constant_baseline_demo_vqa")
-    if oracle is not None:  # stricter: the best constant answer per kind, chosen on the held-out answers
-        side = ("below" if 100 * oracle < low else "inside" if 100 * oracle <= high else "above")
-        lines.append(f"Stricter check: the best constant answer per kind, chosen on the held-out set itself, scores "
-                     f"{100 * oracle:.1f}% ({side} the model's 95% interval).")
+    lines += [f"| **all demo_vqa** | {len(mine)} | **{100 * accuracy:.1f}%** (95% CI {low:.1f}-{high:.1f}) | "
+              f"{100 * shuffled:.1f}% | {percent(list(controls['blank'].values()))} | {100 * oracle:.1f}% |", "",
+              f"What the model reads from the pixels: {100 * (accuracy - shuffled):+.1f} points over the same model "
+              f"with the images shuffled among the questions,",
+              f"{100 * (accuracy - oracle):+.1f} over the best constant answer per kind (chosen on the held-out set; "
+              f"{'below' if 100 * oracle < low else 'inside'} the model's 95% interval).",
+              f"Held-out images: {stats['images_per_split']['eval']} views of "
+              f"{len([g for g in groups if g[0] == 'source'])} series and volumes that no training image comes from."]
     return "\n".join(lines)
 
 
-def demo_answer(root: str) -> str:
+def demo_answer(root: str, model, is_multimodal, encoder) -> str:
     """The trained model answering the first held-out image question (greedy, eval.py's prompt)."""
-    items = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)
-    model, is_multimodal = harness.load_model(os.path.join(root, "stage3", "final"), torch.float32, "cpu")
-    # reasoning: the demo model names the modality in its analysis message first (data/demo.py), as `make demo`
-    # evaluates it (eval.py --reasoning)
-    encoder = harness.Encoder(harness.load_tokenizer_for(os.path.join(root, "stage3", "final")), model,
-                              is_multimodal, reasoning=True)
-    item = items[0]
-    answer = harness.predict(model, is_multimodal, encoder, [item], 1, 24)[0]
+    item = harness.load_items(os.path.join(root, "data", "eval"), "demo_vqa", limit=1)[0]
+    answer = harness.predict(model, is_multimodal, encoder, [item], 1, MAX_NEW_TOKENS)[0]
     return (f"\nimage: {item['images'][0]}\nquestion: {harness.build_prompt(item)}\n"
             f"model answer: {answer!r}   (reference: {item['answer']!r})")
 
@@ -693,16 +691,16 @@ def main(argv=None):
                         help="instead of building: the results of a finished `make demo` run under DEMO_DIR")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--size", type=int, default=128, help="saved image side in pixels")
-    parser.add_argument("--no-think", dest="think", action="store_false",
-                        help="no analysis message before modality answers (evaluate without --reasoning then)")
     args = parser.parse_args(argv)
     if args.report:
-        print(demo_answer(args.report))
-        print(demo_report(args.report))
+        model, is_multimodal, encoder = load_demo_model(args.report)
+        controls = image_controls(args.report, model, is_multimodal, encoder)
+        print(demo_answer(args.report, model, is_multimodal, encoder))
+        print(demo_report(args.report, controls))
         return
     if not args.out:
         parser.error("--out is required (or --report DEMO_DIR)")
-    print_stats(build(args.out, seed=args.seed, size=args.size, think=args.think))
+    print_stats(build(args.out, seed=args.seed, size=args.size))
     print(f"wrote {args.out}")
 
 

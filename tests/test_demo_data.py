@@ -174,64 +174,47 @@ def test_the_stage_readers_load_every_record(built):
     tok, spec = load_tokenizer(), datasets.ImageTokens(image_size=56, tokens_per_tile=16)
     sizes = {"1": len(read_jsonl(out / "captions.jsonl")),
              "2": len(read_jsonl(out / "interleaved.jsonl")) + len(read_jsonl(out / "text.jsonl")),
-             "3": len(read_jsonl(out / "conversations.jsonl")) + len(read_jsonl(out / "modality_drills.jsonl"))
-             + len(read_jsonl(out / "text_conversations.jsonl"))}
+             "3": len(read_jsonl(out / "conversations.jsonl")) + len(read_jsonl(out / "text_conversations.jsonl"))}
     readers = {1: datasets.caption_sample, 2: datasets.document_sample, 3: datasets.conversation_sample}
     for stage in (1, 2, 3):
         loaded = datasets.load_dataset(str(out / f"stage{stage}.json"), readers[stage], tok, spec)
         assert len(loaded.samples) == sizes[str(stage)]
 
 
-def test_modality_analysis_and_drills(built):
-    """Every modality question (three forms) first names the image's modality in its analysis message, and the
-    text-only drills answer each form consistently with the modality the user states."""
+def test_every_image_question_asks_the_sources_modality(built):
+    """Stage 3 and eval ask the closed modality question, answered with the catalogue's modality of the image's
+    source (checked against the DICOM tags above); eval holds only held-out sources, each with EVAL_VIEWS views."""
     out, _ = built
     truth = {s.name: s.modality for s in demo.SOURCES}
-    yes_no_forms = {demo.YES_NO_TEMPLATE.format(name) for name in demo.CAPTION_NAMES.values()}
-    n_thinking = 0
-    for row in read_jsonl(out / "conversations.jsonl"):
-        question, reply = row["conversations"][0]["value"], row["conversations"][1]
+    split = {s.name: s.split for s in demo.SOURCES}
+    rows = read_jsonl(out / "conversations.jsonl")
+    assert len(rows) == demo.TRAIN_VIEWS * sum(s.split == "train" for s in demo.SOURCES)
+    for row in rows:
+        question, reply = row["conversations"][0]["value"].split("\n"), row["conversations"][1]
         source = os.path.basename(row["image"]).rsplit("_", 1)[0]
-        asked = question.split("\n")[1]
-        if asked in demo.MODALITY_QUESTIONS or asked in yes_no_forms or asked == "Which imaging modality is shown?":
-            assert reply["thinking"] == f"Modality: {truth[source]}"
-            n_thinking += 1
-        else:
-            assert "thinking" not in reply
-    assert n_thinking > 300
-    names = {v: k for k, v in demo.CAPTION_NAMES.items()}
-    for row in read_jsonl(out / "modality_drills.jsonl"):
-        lines = row["conversations"][0]["value"].split("\n")
-        modality = lines[0].removeprefix("The image is described as: ").removesuffix(".")
-        reply = row["conversations"][1]
-        assert reply["thinking"] == f"Modality: {modality}"
-        if lines[-1].startswith("Answer yes"):
-            asked = names[lines[1].removeprefix("Is this a ").removesuffix(" image?")]
-            assert reply["value"] == ("yes" if asked == modality else "no")
-        elif "letter" in lines[-1]:
-            options = dict(line.split(". ", 1) for line in lines[2:-1])
-            assert options[reply["value"]] == modality
-        else:
-            assert reply["value"] == modality
+        assert split[source] == "train" and question[1] in demo.MODALITY_QUESTIONS
+        assert reply == {"from": "gpt", "value": truth[source]}
+    items = read_jsonl(out / "eval" / "demo_vqa" / "test.jsonl")
+    per_source = Counter(os.path.basename(i["images"][0]).rsplit("_", 1)[0] for i in items)
+    assert per_source == {s.name: demo.EVAL_VIEWS for s in demo.SOURCES if s.split == "eval"}
+    for item in items:
+        source = os.path.basename(item["images"][0]).rsplit("_", 1)[0]
+        assert item["kind"] == "modality" and item["answer"] == truth[source]
 
 
-def test_no_think_build_has_the_same_questions_without_analysis(built, tmp_path):
-    """--no-think: the same image chats (ids, questions, answers) minus the analysis messages, no drills, and a
-    stage3.json that names only files with rows (stage 3 loads it)."""
-    from data import datasets
-    from data.tokenizer import load_tokenizer
+def test_control_items_keep_questions_and_permute_images(built):
+    """The shuffled control keeps every question and answer in place and deals the same images out again in
+    another order (deterministically); the blank control gives every question the one blank image."""
     out, _ = built
-    demo.build(str(tmp_path), seed=1337, size=64, think=False)
-    plain = read_jsonl(tmp_path / "conversations.jsonl")
-    thinking = read_jsonl(out / "conversations.jsonl")
-    assert [r["id"] for r in plain] == [r["id"] for r in thinking]
-    for a, b in zip(plain, thinking):
-        assert "thinking" not in a["conversations"][1]
-        assert a["conversations"][0] == b["conversations"][0]
-        assert a["conversations"][1]["value"] == b["conversations"][1]["value"]
-    with open(tmp_path / "stage3.json") as f:
-        paths = [d["path"] for d in json.load(f)["datasets"]]
-    assert paths == ["conversations.jsonl", "text_conversations.jsonl"]
-    spec = datasets.ImageTokens(image_size=56, tokens_per_tile=16)
-    loaded = datasets.load_dataset(str(tmp_path / "stage3.json"), datasets.conversation_sample, load_tokenizer(), spec)
-    assert len(loaded.samples) == len(plain) + len(read_jsonl(tmp_path / "text_conversations.jsonl"))
+    items = read_jsonl(out / "eval" / "demo_vqa" / "test.jsonl")
+    for item in items:
+        item["image_paths"] = [str(out / "eval" / "demo_vqa" / item["images"][0])]
+    controls = demo.control_items(items, "blank.png")
+    shuffled = controls["shuffled"]
+    fields = lambda rows: [(r["id"], r["question"], r["answer"]) for r in rows]
+    assert fields(shuffled) == fields(items)
+    assert sorted(c["image_paths"][0] for c in shuffled) == sorted(i["image_paths"][0] for i in items)
+    moved = sum(c["image_paths"] != i["image_paths"] for c, i in zip(shuffled, items))
+    assert moved > 0.9 * len(items)
+    assert shuffled == demo.control_items(items, "blank.png")["shuffled"]
+    assert all(c["image_paths"] == ["blank.png"] for c in controls["blank"])
