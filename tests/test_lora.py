@@ -89,3 +89,144 @@ def test_bad_options():
         lora.apply(gpt, rank=4, alpha=8, dropout=0.1, targets=["q_proj", "router"])
     with pytest.raises(SystemExit, match="lora_rank"):
         lora.apply(gpt, rank=0, alpha=8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# against peft: our adapters on transformers' models, and peft's on ours
+
+
+def train_a_few_steps(model, loss_of, steps=3, lr=2e-2):
+    """A plain AdamW loop on the trainable parameters, so B moves away from 0 (and the projector, if it trains)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_gptoss_adapter_loads_in_peft_with_the_same_logits(gpt_ckpt, tmp_path):
+    gpt = M.GPT.from_pretrained(gpt_ckpt, dtype=torch.float32)
+    frozen = {n: p.clone() for n, p in gpt.named_parameters()}
+    lora.apply(gpt, rank=4, alpha=8, targets=ALL_TARGETS)
+    idx = tokens(2, 24)
+    targets = torch.roll(idx, -1, dims=1)
+    train_a_few_steps(gpt, lambda m: m(idx, targets)[1])
+    assert all(torch.equal(p, frozen[n]) for n, p in gpt.named_parameters() if n in frozen)  # base untouched
+    assert gpt.model.layers[0].self_attn.q_proj.lora_B.weight.abs().max() > 0
+    lora.save_adapter(gpt, tmp_path / "adapter", base_model_name_or_path=gpt_ckpt)
+
+    ref = peft.PeftModel.from_pretrained(load_hf(gpt_ckpt), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = ref(input_ids=idx).logits
+    ours = gpt_logits(gpt, idx)
+    err = rel_err(ours, expected)
+    print(f"gptoss: ours vs peft max relative difference {err:.2e}")
+    assert err < 1e-5, err
+    # the router's adapter took part: without it the logits are not peft's
+    without_router = copy.deepcopy(gpt)
+    for block in without_router.model.layers:
+        block.mlp.router.lora_B.weight.data.zero_()
+    assert rel_err(gpt_logits(without_router, idx), expected) > 1e-4
+    with torch.no_grad():
+        assert rel_err(ours, load_hf(gpt_ckpt)(input_ids=idx).logits) > 1e-3  # the adapter changed the logits
+
+
+def llava_loss(ids, pixels):
+    targets = torch.roll(ids, -1, dims=1)
+    targets[ids == reference_model_image_token()] = -100
+    return lambda m: m(ids, pixels, targets)[1]
+
+
+def reference_model_image_token():
+    import test_medgpt
+    return test_medgpt.IMAGE_TOKEN
+
+
+def peft_llava(llava_ckpt, adapter_dir):
+    config = transformers.LlavaConfig.from_pretrained(llava_ckpt)
+    config.text_config._attn_implementation = "eager"
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(llava_ckpt, config=config,
+                                                                      dtype=torch.float32).eval()
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def trained_medgpt(llava_ckpt, tmp_path_factory):
+    """Ours after 3 AdamW steps with LoRA on q, k, v, o and the router, the projector trained in full; its adapter."""
+    medgpt = M.MedGPT.from_pretrained(llava_ckpt, dtype=torch.float32)
+    lora.apply(medgpt, rank=4, alpha=8, targets=ALL_TARGETS, train_projector=True)
+    ids, pixels = batch(LAYOUT)
+    train_a_few_steps(medgpt, llava_loss(ids, pixels))
+    adapter_dir = tmp_path_factory.mktemp("adapter") / "adapter"
+    lora.save_adapter(medgpt, adapter_dir, base_model_name_or_path=llava_ckpt)
+    return medgpt, adapter_dir
+
+
+def test_llava_adapter_loads_in_peft_with_the_same_logits(llava_ckpt, trained_medgpt):
+    medgpt, adapter_dir = trained_medgpt
+    config, tensors = checkpoint.read_peft_adapter(adapter_dir)
+    assert config["base_model_name_or_path"] == llava_ckpt and config["modules_to_save"] == ["multi_modal_projector"]
+    ids, pixels = batch(LAYOUT)
+    ref = peft_llava(llava_ckpt, adapter_dir)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, pixel_values=pixels).logits
+    ours = llava_logits(medgpt, ids, pixels)
+    err = rel_err(ours, expected)
+    print(f"llava: ours vs peft max relative difference {err:.2e}")
+    assert err < 1e-5, err
+    # peft's own save of what it loaded has our keys and values (the projector in full, as modules_to_save)
+    ref.save_pretrained(adapter_dir.parent / "resaved")
+    _, resaved = checkpoint.read_peft_adapter(adapter_dir.parent / "resaved")
+    assert sorted(resaved) == sorted(tensors)
+    assert all(torch.equal(resaved[n], tensors[n]) for n in tensors)
+
+
+def test_peft_adapter_loads_into_ours(llava_ckpt, tmp_path):
+    """peft's get_peft_model + save_pretrained (random B: init_lora_weights=False), loaded by lora.load_adapter."""
+    config = transformers.LlavaConfig.from_pretrained(llava_ckpt)
+    config.text_config._attn_implementation = "eager"
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(llava_ckpt, config=config, dtype=torch.float32)
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj|o_proj)",
+        target_parameters=["mlp.router.weight"], init_lora_weights=False)).eval()
+    ref.save_pretrained(tmp_path / "peft_adapter")
+    ours = lora.load_adapter(M.MedGPT.from_pretrained(llava_ckpt, dtype=torch.float32), tmp_path / "peft_adapter")
+    assert {n.rpartition(".")[2] for n in lora.adapted_modules(ours)} == {"q_proj", "v_proj", "o_proj", "router"}
+    ids, pixels = batch(LAYOUT)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, pixel_values=pixels).logits
+    assert rel_err(llava_logits(ours, ids, pixels), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# merging and the merged export
+
+
+def test_merge_and_merged_export_equal_the_adapter(llava_ckpt, trained_medgpt, tmp_path):
+    medgpt, adapter_dir = trained_medgpt
+    ids, pixels = batch(LAYOUT)
+    with_adapter = llava_logits(medgpt, ids, pixels)
+    merged = lora.merge(copy.deepcopy(medgpt))
+    assert not lora.adapted_modules(merged) and not any(".lora_" in n for n, _ in merged.named_parameters())
+    err = rel_err(llava_logits(merged, ids, pixels), with_adapter)
+    print(f"merged vs adapter max relative difference {err:.2e}")
+    assert err < 1e-5, err
+    # the streamed export (what training.save_final writes): merged LLaVA weights + the adapter on the way
+    adapter = {}
+    checkpoint.write_llava(lora.merged_params(medgpt.named_parameters(), medgpt, adapter),
+                           medgpt.config.to_dict(torch.float32), tmp_path / "merged")
+    assert sorted(adapter) == sorted(lora.adapter_state(medgpt))
+    exported = M.MedGPT.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert rel_err(llava_logits(exported, ids, pixels), with_adapter) < 1e-5
+    # transformers reads the merged export with the logits peft gives with the adapter
+    config = transformers.LlavaConfig.from_pretrained(tmp_path / "merged")
+    config.text_config._attn_implementation = "eager"
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", config=config,
+                                                                    dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = peft_llava(llava_ckpt, adapter_dir)(input_ids=ids, pixel_values=pixels).logits
+        assert rel_err(hf(input_ids=ids, pixel_values=pixels).logits, expected) < 1e-5
