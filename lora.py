@@ -57,7 +57,7 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.lora_A, self.lora_B = new_factors(linear.in_features, linear.out_features, rank, linear.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = alpha / rank
+        self.rank, self.scaling = rank, alpha / rank  # rank kept: ZeRO-3 empties the parameters between uses
 
     def forward(self, x):
         x_lora = self.lora_dropout(x).to(self.lora_A.weight.dtype)
@@ -73,7 +73,7 @@ class LoRARouter(Router):
         self.top_k, self.weight, self.bias = router.top_k, router.weight, router.bias
         E, H = router.weight.shape
         self.lora_A, self.lora_B = new_factors(H, E, rank, router.weight)
-        self.scaling = alpha / rank
+        self.rank, self.scaling = rank, alpha / rank
 
     def forward(self, x):
         """x (N, H) -> router logits (N, E), top-k weights (N, K), top-k ids (N, K), as Router.forward."""
@@ -199,7 +199,7 @@ def peft_config(model, base_model_name_or_path=None) -> dict:
     if not adapted:
         raise ValueError("lora.peft_config: the model has no LoRA adapters (lora.apply first)")
     first = next(iter(adapted.values()))
-    rank = first.lora_A.weight.shape[0]
+    rank = first.rank
     attention = sorted({n.rpartition(".")[2] for n, m in adapted.items() if isinstance(m, LoRALinear)})
     dropout = max([m.lora_dropout.p for m in adapted.values() if isinstance(m, LoRALinear)
                    and isinstance(m.lora_dropout, nn.Dropout)], default=0.0)
@@ -241,6 +241,11 @@ def apply_peft_config(model, config: dict):
     train_projector = "multi_modal_projector" in (config.get("modules_to_save") or [])
     return apply(model, config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0, targets,
                  train_projector=train_projector)
+
+
+def lora_params(model) -> int:
+    """Parameters of the adapters (the lora_A / lora_B factors)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
 
 
 def save_adapter(model, path, base_model_name_or_path=None):

@@ -2,21 +2,32 @@
 fp32): logits unchanged at initialisation, adapters saved by us loaded by peft and the reverse after a few training
 steps, merging and the merged LLaVA export, and a LoRA run of the stage-3 script."""
 import copy
+import glob
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import checkpoint
 import lora
 import model as M
 from test_medgpt import LAYOUT, batch, reference_model
-from test_model import VOCAB, load_hf, tokens, write_hf_checkpoint
+from test_model import load_hf, tokens, write_hf_checkpoint
+from test_train_stages import data_dir, final_weights, run_script, stage1_model  # noqa: F401  (fixtures)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "router"]
+
+
+def weights_in(path):
+    weights = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        weights.update(load_file(f))
+    return weights
 
 
 def rel_err(a, b):
@@ -230,3 +241,69 @@ def test_merge_and_merged_export_equal_the_adapter(llava_ckpt, trained_medgpt, t
     with torch.no_grad():
         expected = peft_llava(llava_ckpt, adapter_dir)(input_ids=ids, pixel_values=pixels).logits
         assert rel_err(hf(input_ids=ids, pixel_values=pixels).logits, expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a LoRA run of the stage-3 script, and its plan on one GPU
+
+
+def test_stage3_lora_run_writes_merged_model_and_adapter(data_dir, stage1_model, tmp_path):
+    """3 steps of the tiny stage 3 with LoRA on every target and the projector: the optimizer (ZeRO-3's trainable
+    buffers) holds only the adapters and the projector; final/ is the merged model, every other weight bit-equal
+    to the start; final/adapter is peft's format against --init_from, and peft on transformers gives the logits
+    of the merged model."""
+    out = str(tmp_path / "s3")
+    run_script("train_stage3.py", f"--data={data_dir}/conversations.jsonl", f"--init_from={stage1_model}",
+               f"--out_dir={out}", "--max_steps=3", "--global_batch=4", "--micro_batch=2", "--lr=1e-2",
+               "--seq_len=256", "--ckpt_every=2", "--lora_rank=4", "--lora_alpha=8", "--lora_projector",
+               "--lora_targets=q_proj,k_proj,v_proj,o_proj,router")
+    with open(f"{out}/ckpt/step_00000002/manifest.json") as f:
+        layout = json.load(f)["buffers"]
+    trained = [name for buf in layout if buf["trainable"] for name, _, _ in buf["params"]]
+    assert trained and all(".lora_" in n or n.startswith("multi_modal_projector.") for n in trained), trained
+
+    start, final = weights_in(stage1_model), final_weights(out)
+    assert sorted(final) == sorted(start)  # the merged model: no lora_* tensors, the LLaVA names
+    changed = sorted(k for k in start if not torch.equal(start[k], final[k]))
+    adapted = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "router.weight")
+    assert all(k.endswith(adapted) or k.startswith("multi_modal_projector.") for k in changed), changed
+    assert any(k.endswith("q_proj.weight") for k in changed) and any(k.startswith("multi_modal_projector.")
+                                                                      for k in changed)
+
+    config, tensors = checkpoint.read_peft_adapter(f"{out}/final/adapter")
+    assert config["base_model_name_or_path"] == stage1_model and config["r"] == 4 and config["lora_alpha"] == 8
+    name = "language_model.model.layers.1.self_attn.q_proj"
+    delta = tensors[name + ".lora_B.weight"] @ tensors[name + ".lora_A.weight"] * (8 / 4)
+    key = "language_model.model.layers.1.self_attn.q_proj.weight"
+    assert torch.allclose(final[key], start[key] + delta, atol=1e-6)
+
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(f"{out}/final", dtype=torch.float32).eval()
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(stage1_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = merged(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(base, f"{out}/final/adapter").eval()(input_ids=ids).logits
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)
+
+
+def test_dry_run_of_lora_on_one_gpu():
+    """The 20B with LoRA on one GPU at 8192 tokens (preset lora-80gb): only the adapters train, ZeRO-3 keeps
+    optimizer state for them alone, it fits 80 GB with dense experts and 24 GB with MXFP4-resident experts; serving
+    with MXFP4 experts takes the ~13 GB of weights the release promises plus the KV cache."""
+    plans = {mxfp4: json.loads(run_script("train_stage3.py", "--preset=lora-80gb", "--dry_run",
+                                          f"--mxfp4_resident={mxfp4}").strip().splitlines()[-1])
+             for mxfp4 in (False, True)}
+    dense, q = plans[False], plans[True]
+    for plan in (dense, q):
+        assert plan["world_size"] == 1 and plan["seq_len"] == 8192 and plan["lora_rank"] == 16
+        # r (in + out) per adapted projection: q (2880 -> 4096), k and v (2880 -> 512), o (4096 -> 2880), 24 blocks
+        assert plan["lora_params"] == plan["trainable_params"] == 24 * 16 * (2 * (2880 + 4096) + 2 * (2880 + 512))
+        assert plan["trains"] == {"vision": False, "projector": False, "lm": True}
+        assert plan["per_gpu_gib_parts"]["optimizer"] < 0.1  # AdamW moments of ~8M parameters only
+    expert_weights = 24 * 32 * 3 * 2880 * 2880
+    saved = expert_weights * (2 - 17 / 32) / 2**30  # bf16 -> MXFP4
+    assert abs((dense["per_gpu_gib_parts"]["params"] - q["per_gpu_gib_parts"]["params"]) - saved) < 0.01
+    assert 35 < dense["per_gpu_gib"] < 80 and q["per_gpu_gib"] < 24
+    assert 12 < q["inference_gib_parts"]["weights"] < 14 and q["inference_gib"] < dense["inference_gib_dense_experts"]
+    print(f"LoRA on one GPU at 8192 tokens: {dense['per_gpu_gib']} GiB dense, {q['per_gpu_gib']} GiB MXFP4-resident; "
+          f"serving: {q['inference_gib']} GiB MXFP4, {q['inference_gib_dense_experts']} GiB dense experts")
