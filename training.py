@@ -561,16 +561,17 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
     writes the merged model there (adapters folded in, in fp32) and the adapter in peft's format to final/adapter,
     against the base model --init_from named."""
     path = os.path.join(cfg.out_dir, "final")
-    adapter = {}  # a LoRA run: lora.merged_params fills it with the adapter's tensors on the way
-    if lora.adapted_modules(model):
-        params = lora.merged_params(zero.iter_full_params(engine, dtype=torch.float32), model, adapter)
-    else:
-        params = zero.iter_full_params(engine, dtype=run.dtype)  # a collective: every rank iterates to the end
+    lora_run = bool(lora.adapted_modules(model))
+    # a collective: every rank iterates to the end (fp32 for a LoRA run: the merge is done in fp32)
+    params = zero.iter_full_params(engine, dtype=torch.float32 if lora_run else run.dtype)
     if not run.is_main:
         for _ in params:
             pass
         barrier()
         return path
+    adapter = {}  # a LoRA run: lora.merged_params fills it with the adapter's tensors on the way
+    if lora_run:
+        params = lora.merged_params(params, model, adapter)
     checkpoint.write_llava(params, model.config.to_dict(run.dtype), path, dtype=run.dtype,
                            preprocessor=model.config.preprocessor_dict())
     if adapter:
