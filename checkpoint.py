@@ -24,6 +24,9 @@ Design choices
 - Sharded start (ZeRO-3): `SafetensorsReader(path)(name, start, end)` reads a flat range of one parameter from the
   rows that cover it (MXFP4: the experts that cover it). llava_reader and parts_reader build the
   `load(name, start, end)` that zero.ZeRO3 takes, for a MedGPT built on the meta device.
+- LoRA adapters in peft's format (write_peft_adapter / read_peft_adapter): peft's keys are `base_model.model.` +
+  the transformers model's module names (Llava: transformers 5's `model.language_model.layers...`; GptOss:
+  `model.layers...`), so they follow from the LLAVA_LAYOUTS table; lora.py builds the modules and the config.
 """
 import json
 import math
@@ -406,6 +409,64 @@ def write_llava(named_tensors, config, path, max_shard_bytes=5 * 2**30, dtype=No
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(preprocessor, f, indent=2)
     return weight_map
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA adapters in peft's format: adapter_config.json + adapter_model.safetensors
+
+PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the transformers model
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def to_peft_name(name):
+    """Our name -> peft's key: a MedGPT's as transformers 5's LlavaForConditionalGeneration names its modules
+    (`language_model.model.layers.0...` -> `base_model.model.model.language_model.layers.0...`), a GPT's as
+    GptOssForCausalLM (`model.layers.0...` -> `base_model.model.model.layers.0...`)."""
+    is_llava = name.startswith(("language_model.", "vision_tower.", "multi_modal_projector."))
+    return PEFT_PREFIX + (to_checkpoint_name(name, "transformers-5-module") if is_llava else name)
+
+
+def from_peft_name(key, llava, path):
+    """peft's key -> our name: for the Llava model under any LLAVA_LAYOUTS naming, or for GptOss (llava False)."""
+    if not key.startswith(PEFT_PREFIX):
+        raise ValueError(f"{path}: adapter tensor {key!r} does not start with {PEFT_PREFIX!r} (is this a peft "
+                         f"LoRA adapter?)")
+    key = key[len(PEFT_PREFIX):]
+    if not llava:
+        return key  # GptOssForCausalLM: transformers' names are ours
+    pairs = sorted(((theirs, ours) for layout in LLAVA_LAYOUTS.values() for ours, theirs in layout),
+                   key=lambda pair: -len(pair[0]))  # longest prefix first: model.language_model. before model.
+    for theirs, ours in pairs:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    raise ValueError(f"{path}: adapter tensor {PEFT_PREFIX + key!r} has no place in a LLaVA model")
+
+
+def write_peft_adapter(tensors: dict, config: dict, path):
+    """An adapter ({our name: tensor}: lora_A / lora_B factors, and modules trained in full) and its peft
+    adapter_config.json (lora.peft_config) as peft's save_pretrained writes them."""
+    os.makedirs(path, exist_ok=True)
+    save_file({to_peft_name(n): t.detach().contiguous().cpu() for n, t in tensors.items()},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_peft_adapter(path) -> tuple:
+    """(adapter_config.json as a dict, {our name: tensor}) of a peft LoRA adapter directory."""
+    missing = [name for name in PEFT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a peft adapter directory: {', '.join(missing)} missing (peft's "
+                                f"save_pretrained writes {' and '.join(PEFT_FILES)})")
+    config = read_json(os.path.join(path, "adapter_config.json"))
+    file = os.path.join(path, "adapter_model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+        # a Llava adapter names the language model under one of LLAVA_LAYOUTS' prefixes; a GptOss one does not
+        llava = any(key.startswith(PEFT_PREFIX + theirs) for key in keys for layout in LLAVA_LAYOUTS.values()
+                    for ours, theirs in layout if ours == "language_model.model.")
+        tensors = {from_peft_name(key, llava, file): f.get_tensor(key) for key in keys}
+    return config, tensors
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+import lora
 import training
 from data.datasets import caption_sample
 from data.loader import DataLoader
@@ -161,6 +162,9 @@ def main(argv):
 
     # what trains: the projector alone; the language model and the vision tower stay as released
     model.set_trainable(vision=False, projector=True, lm=False)
+    if cfg.lora_rank:  # LoRA instead: adapters on the LM train, all else frozen (the projector unless --lora_projector)
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
+                   train_projector=cfg.lora_projector)
     training.freeze_unused(model)
     if cfg.dry_run:
         print(json.dumps(training.dry_run(cfg, model, run.world_size, [(0, cfg.seq_len, cfg.global_batch)])))

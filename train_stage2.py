@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import lora
 import training
 from data.datasets import document_sample
 from data.loader import DataLoader
@@ -187,6 +188,9 @@ def main(argv):
 
     # what trains: everything (the vision tower too, unless --train_vision=false)
     model.set_trainable(vision=cfg.train_vision, projector=True, lm=True)
+    if cfg.lora_rank:  # LoRA instead: adapters on the LM train, all else frozen (the projector unless --lora_projector)
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
+                   train_projector=cfg.lora_projector)
     training.freeze_unused(model)
     if cfg.dry_run:
         print(json.dumps(training.dry_run(cfg, model, run.world_size, phases(cfg, run.world_size))))

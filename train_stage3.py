@@ -19,6 +19,8 @@ Design choices
 - One conversation per row (no packing), rows of a micro-batch padded to the longest: LLaVA's batching, and
   `global_batch` then counts conversations as LLaVA-Med's 128 does.
 - `--system_prompt` renders the same system message before every conversation; give eval.py the same one.
+- `--lora_rank=R` adapts instead of training everything (lora.py; preset lora-80gb for one 80 GB GPU): the final
+  save writes the merged model to final/ and the adapter in peft's format to final/adapter.
 - Recipe (LLaVA-Med's instruction tuning): lr 2e-5, global batch 128, warm-up 3%, cosine to 0, no weight decay,
   beta2 0.999; 3 epochs of ~60K instructions at 128 per step is ~1,400 steps; context 8192, enough for several
   images and a long answer.
@@ -29,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import lora
 import training
 from data.datasets import conversation_sample
 from data.loader import DataLoader
@@ -68,6 +71,11 @@ PRESETS = {
                  data="out/demo/data/stage3.json", global_batch=32, micro_batch=16, seq_len=512, max_steps=220,
                  lr=1.5e-3, min_lr=1.5e-4, warmup_frac=0.05, dtype="float32",
                  activation_checkpointing=False, plan_world_size=0, ckpt_every=0, log_every=10),
+    # One 80 GB GPU at 8192 tokens: LoRA (r 16, alpha 32, dropout 0.05) on q, k, v and o of every block, the rest
+    # frozen; lr 2e-4 as LLaVA-1.5's LoRA recipe. The plan (--dry_run): ~42 GiB with the experts dense, ~16 GiB with
+    # --mxfp4_resident (docs/lora.md). final/ holds the merged model, final/adapter the adapter in peft's format.
+    "lora-80gb": dict(out_dir="out/stage3-lora", micro_batch=1, lr=2e-4, lora_rank=16, lora_alpha=32.0,
+                      lora_dropout=0.05, plan_world_size=1),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,6 +144,9 @@ def main(argv):
 
     # what trains: everything (the vision tower too, unless --train_vision=false)
     model.set_trainable(vision=cfg.train_vision, projector=True, lm=True)
+    if cfg.lora_rank:  # LoRA instead: adapters on the LM train, all else frozen (the projector unless --lora_projector)
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
+                   train_projector=cfg.lora_projector)
     training.freeze_unused(model)
     if cfg.dry_run:
         print(json.dumps(training.dry_run(cfg, model, run.world_size, [(0, cfg.seq_len, cfg.global_batch)])))

@@ -23,6 +23,8 @@ Design choices
 - MFU: model FLOPs (6 x active parameters per token + attention, backward counted as 2 x forward; the unembedding
   only for tokens with a target, as GPT.forward computes it) against a table of dense peaks per device (B200,
   H100, H200, A100) or, on a CPU, a peak measured once with a matmul.
+- LoRA (--lora_rank > 0): the stage scripts call lora.apply where they set what trains; the final save writes the
+  merged model to <out_dir>/final (LLaVA, as every stage) and the adapter in peft's format to final/adapter.
 - Logs: one console line per `log_every` steps (a progress bar with ETA on a terminal), `metrics.jsonl` in out_dir
   (TensorBoard too when the `tensorboard` package is installed). Nothing logs sample text.
 """
@@ -42,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import lora
 import vision
 import zero
 from data.datasets import ImageTokens, load_dataset
@@ -90,6 +93,13 @@ class TrainConfig:
     resume: bool = False
     dry_run: bool = False
     plan_world_size: int = 0     # --dry_run plans for this many processes (0: this run's world size)
+    mxfp4_resident: bool = False  # experts kept as MXFP4 blocks and scales (4.25 bits a weight), dequantised per expert
+    # LoRA (lora.py): adapters on the language model train, everything else stays frozen; 0 = the stage's recipe
+    lora_rank: int = 0
+    lora_alpha: float = 16.0     # the adapters' output is scaled by lora_alpha / lora_rank, as peft's
+    lora_dropout: float = 0.0    # dropout on the adapters' input
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma list of q_proj, k_proj, v_proj, o_proj, router
+    lora_projector: bool = False  # the projector trains in full beside the adapters (peft's modules_to_save)
     device: str = ""             # "" = cuda:LOCAL_RANK when CUDA is available, else cpu
 
 
@@ -208,7 +218,8 @@ def flops_model(model) -> dict:
     n_vis = vc.tokens_per_tile + vc.class_tokens  # patches + class token (CLIP, BiomedCLIP; none in SigLIP)
     projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
     train_vision, train_projector = trains(model.vision_tower), trains(model.multi_modal_projector)
-    train_lm = trains(model.language_model)
+    train_lm = trains(model.language_model)  # LoRA adapters count: their gradients need the LM's backward
+    train_lm_base = any(p.requires_grad for n, p in model.language_model.named_parameters() if ".lora_" not in n)
     return {
         # the unembedding runs only on rows with a target (GPT.forward), so it is counted per target token
         "lm_per_token": 2 * (param_counts(lm)["active"] - lm.hidden_size * lm.vocab_size),
@@ -216,7 +227,8 @@ def flops_model(model) -> dict:
         "lm_attn": [(lm.num_attention_heads * lm.head_dim, lm.window_of(i)) for i in range(lm.num_hidden_layers)],
         "vision_per_tile": 2 * vision_params * n_vis + used * 4 * vc.hidden_size * n_vis * n_vis
         + 2 * projector * model.tokens_per_tile,
-        "lm_mult": 3 if train_lm else (2 if train_vision or train_projector else 1),
+        # LoRA: the frozen weights need only the input's gradient (the adapters' own FLOPs, <1%, are not counted)
+        "lm_mult": 3 if train_lm_base else (2 if train_lm or train_vision or train_projector else 1),
         "vision_mult": 3 if (train_vision or train_projector) else 1,
     }
 
@@ -555,15 +567,26 @@ def barrier():
 
 def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str:
     """The trained model to <out_dir>/final in llava-hf's LLaVA layout (what MedGPT.from_pretrained and
-    transformers read), streamed one ZeRO3 buffer at a time: no process ever holds the whole model."""
+    transformers read), streamed one ZeRO3 buffer at a time: no process ever holds the whole model. A LoRA run
+    writes the merged model there (adapters folded in, in fp32) and the adapter in peft's format to final/adapter,
+    against the base model --init_from named."""
     path = os.path.join(cfg.out_dir, "final")
-    params = zero.iter_full_params(engine, dtype=run.dtype)  # a collective: every rank iterates to the end
+    lora_run = bool(lora.adapted_modules(model))
+    # a collective: every rank iterates to the end (fp32 for a LoRA run: the merge is done in fp32)
+    params = zero.iter_full_params(engine, dtype=torch.float32 if lora_run else run.dtype)
     if not run.is_main:
         for _ in params:
             pass
         barrier()
         return path
-    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path, preprocessor=model.config.preprocessor_dict())
+    adapter = {}  # a LoRA run: lora.merged_params fills it with the adapter's tensors on the way
+    if lora_run:
+        params = lora.merged_params(params, model, adapter)
+    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path, dtype=run.dtype,
+                           preprocessor=model.config.preprocessor_dict())
+    if adapter:
+        base = cfg.init_from if os.path.isdir(cfg.init_from) else None  # stage 1 from parts: no single base dir
+        checkpoint.write_peft_adapter(adapter, lora.peft_config(model, base), os.path.join(path, "adapter"))
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
     barrier()
@@ -625,8 +648,10 @@ def meta_model(config):
 
 def dry_run(cfg: TrainConfig, model, world_size: int, phases: list) -> dict:
     """The plan of a run without running it, for `model` on the meta device with its trainability set: parameter
-    counts, the batch arithmetic of each context-length phase [(first step, seq_len, rows per step)], and the
-    per-GPU memory of ZeRO-3 at the longest context (zero.memory_plan). Printed as one JSON line, last."""
+    counts, the batch arithmetic of each context-length phase [(first step, seq_len, rows per step)], the
+    per-GPU memory of ZeRO-3 at the longest context (zero.memory_plan; LoRA adapters and --mxfp4_resident experts
+    included) and the memory to serve the model on one device at that context (zero.inference_plan, experts in
+    MXFP4 as `inference_gib`, and dense). Printed as one JSON line, last."""
     world_size = cfg.plan_world_size or world_size
     config = model.config
     counts = param_counts(config.text)
@@ -635,16 +660,25 @@ def dry_run(cfg: TrainConfig, model, world_size: int, phases: list) -> dict:
     vision_units = [sum(p.numel() for p in b.parameters()) for b in zero_units(model)[:vision_blocks_used(model)]]
     trainable = {"vision": trains(model.vision_tower), "projector": trains(model.multi_modal_projector),
                  "lm": trains(model.language_model)}
-    n_trainable = (counts["total"] * trainable["lm"] + vision_params * trainable["vision"]
-                   + projector_params * trainable["projector"])
-    n_all = counts["total"] + vision_params + projector_params
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA adapters included
+    n_all = sum(p.numel() for p in model.parameters())
+    units = zero_units(model)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in in_units)
+    largest_trainable = max([root_trainable] + [sum(p.numel() for p in u.parameters() if p.requires_grad)
+                                                for u in units])
     for _, length, rows in phases:
         check_batch(rows, cfg.micro_batch, world_size, length)
     longest = max(length for _, length, _ in phases)
     memory = zero.memory_plan(config.text, world_size, longest, micro_batch=cfg.micro_batch,
                               dtype=torch_dtype(cfg.dtype), trainable=n_trainable / n_all,
                               extra_unit_params=vision_units + [projector_params],
-                              checkpointing=cfg.activation_checkpointing)
+                              checkpointing=cfg.activation_checkpointing, largest_trainable=largest_trainable,
+                              mxfp4_experts=cfg.mxfp4_resident,
+                              head_trains=model.language_model.lm_head.weight.requires_grad)
+    # serving the trained model on one device at this context (batch 1, bf16), experts in MXFP4 and dense
+    serving = {mxfp4: zero.inference_plan(config.text, longest, mxfp4_experts=mxfp4,
+                                          extra_params=vision_params + projector_params) for mxfp4 in (True, False)}
     return {"arch": cfg.arch, "lm_params_total": counts["total"], "lm_params_active": counts["active"],
             "vision_params": vision_params, "projector_params": projector_params, "trainable_params": n_trainable,
             "trains": trainable, "world_size": world_size, "seq_len": longest,
@@ -654,5 +688,9 @@ def dry_run(cfg: TrainConfig, model, world_size: int, phases: list) -> dict:
             "tokens_per_step": phases[-1][2] * phases[-1][1], "max_steps": cfg.max_steps, "lr": cfg.lr,
             "warmup_steps": math.ceil(cfg.warmup_frac * cfg.max_steps), "dtype": cfg.dtype,
             "activation_checkpointing": cfg.activation_checkpointing,
+            "lora_rank": cfg.lora_rank, "lora_params": lora.lora_params(model), "mxfp4_resident": cfg.mxfp4_resident,
             "per_gpu_gib": round(memory["total"], 2),
-            "per_gpu_gib_parts": {k: round(v, 2) for k, v in memory.items() if k not in ("total", "params_total")}}
+            "per_gpu_gib_parts": {k: round(v, 2) for k, v in memory.items() if k not in ("total", "params_total")},
+            "inference_gib": round(serving[True]["total"], 2),
+            "inference_gib_parts": {k: round(v, 2) for k, v in serving[True].items() if k != "total"},
+            "inference_gib_dense_experts": round(serving[False]["total"], 2)}

@@ -42,6 +42,8 @@ Design choices
   parameter at a time; `iter_full_params` gathers one unit at a time from a live run.
 - Communication is counted (bytes of full buffers moved per collective kind) in `ZeRO3.comm_bytes`.
 - On CUDA, NCCL runs async collectives on its own stream (the side stream); `wait()` makes compute wait for it.
+- Memory plans: `memory_plan` (ZeRO-3 training per GPU: full, projector-only or LoRA; experts dense or
+  MXFP4-resident) and `inference_plan` (one device generating at a context length), from the config alone.
 - `FSDP2` is PyTorch's fully_shard on the same units behind the same engine methods (`--sharding=fsdp2`): the
   reference ZeRO3 is measured against. torch.optim.AdamW on DTensors; no checkpoints (it refuses, clearly).
 """
@@ -867,12 +869,25 @@ def gpt_oss_block_activation_bytes(config, tokens, seq_len, dtype_bytes=2, atten
     return total
 
 
+MXFP4_BYTES = 17 / 32  # bytes per MXFP4 weight: a 4-bit code, and one uint8 scale per group of 32
+
+
+def gpt_oss_expert_weights(config):
+    """Weights of one block's experts (gate_up and down matrices, biases excluded): what MXFP4 holds."""
+    E, H, I = (_cfg(config, k) for k in ("num_local_experts", "hidden_size", "intermediate_size"))
+    return E * (H * 2 * I + I * H)
+
+
 def memory_plan(config, world_size, seq_len, *, micro_batch=1, dtype=torch.bfloat16, trainable=1.0,
                 extra_unit_params=(), checkpointing=True, reduce_dtype=torch.float32, attention="flash",
-                ce_chunk_bytes=2**28):
+                ce_chunk_bytes=2**28, largest_trainable=None, mxfp4_experts=False, head_trains=True):
     """Per-GPU memory in GiB of ZeRO3 training of a GPT-oss LM (config: GPTConfig or a dict of its fields) for
     one micro-batch of micro_batch x seq_len tokens. extra_unit_params: parameter counts of further units (the
-    vision blocks, the projector). trainable: fraction of parameters that train (1.0; stage 1 about 0.001).
+    vision blocks, the projector). trainable: fraction of parameters that train (1.0; stage 1 about 0.001; LoRA
+    about 0.0005). largest_trainable: the most trainable parameters of one unit, whose gradients are staged for
+    the reduce-scatter (None: the largest unit, everything trains). mxfp4_experts: the (frozen) expert weights
+    stay MXFP4 (MXFP4_BYTES a weight) and are dequantised one expert at a time in the MoE forward. head_trains:
+    the unembedding trains (the fused loss then accumulates its fp32 gradient).
     Returns {"params", "grads", "optimizer", "activations", "loss", "comm", "total"}."""
     H, V, L = (_cfg(config, k) for k in ("hidden_size", "vocab_size", "num_hidden_layers"))
     b = torch.tensor([], dtype=dtype).element_size()
@@ -885,6 +900,8 @@ def memory_plan(config, world_size, seq_len, *, micro_batch=1, dtype=torch.bfloa
     n_shard = sum(shard(n) for n in units) + shard(root)
     n_train = n_shard * trainable
     master = 0 if dtype == torch.float32 else 4
+    experts = L * shard(gpt_oss_expert_weights(config)) if mxfp4_experts else 0  # their elements, this rank's
+    largest_trainable = max(units + [0]) if largest_trainable is None else largest_trainable
     tokens = micro_batch * seq_len
     block_act = gpt_oss_block_activation_bytes(config, tokens, seq_len, b, attention)
     # saved for backward: each block's input under checkpointing, else everything each block saves; plus the
@@ -892,14 +909,37 @@ def memory_plan(config, world_size, seq_len, *, micro_batch=1, dtype=torch.bfloa
     saved = L * tokens * H * b if checkpointing else L * block_act
     activations = saved + block_act
     # fused loss: fp32 logits of one chunk (overwritten by their gradient), the fp32 dW accumulator, the fp32 dx
-    loss = min(ce_chunk_bytes, tokens * V * 4) + V * H * 4 + tokens * H * 4
+    loss = min(ce_chunk_bytes, tokens * V * 4) + V * H * 4 * head_trains + tokens * H * 4
     largest = max(units + [0])
     # gathered: the root for the whole step, the running unit and the prefetched one; gradient staging: the
     # unit's parameter gradients plus its flat reduce buffer and the one in flight
-    comm = (root + 2 * largest) * b + largest * (b + 2 * rb) if world_size > 1 else largest * (b + rb)
-    plan = {"params": n_shard * b + n_train * master, "grads": n_train * 4, "optimizer": n_train * 8,
+    staged = largest_trainable  # the trainable part of a unit has gradients to reduce
+    comm = (root + 2 * largest) * b + staged * (b + 2 * rb) if world_size > 1 else staged * (b + rb)
+    if mxfp4_experts:  # one expert's weights dequantised at a time (gate_up and down) in the compute dtype
+        comm += gpt_oss_expert_weights(config) // _cfg(config, "num_local_experts") * b
+    params = (n_shard - experts) * b + experts * MXFP4_BYTES + n_train * master
+    plan = {"params": params, "grads": n_train * 4, "optimizer": n_train * 8,
             "activations": activations, "loss": loss, "comm": comm}
     plan = {k: v / GiB for k, v in plan.items()}
     plan["total"] = sum(plan.values())
     plan["params_total"] = total
+    return plan
+
+
+def inference_plan(config, context, *, batch=1, dtype=torch.bfloat16, mxfp4_experts=True, extra_params=0):
+    """GiB on one device to generate with a GPT-oss LM (a GPTConfig) at `context` tokens: the weights (experts
+    MXFP4 or dense; extra_params: the vision tower and projector, dense), the KV caches (model.KVCache: every
+    position in full-attention layers, `window` slots in sliding ones), and the prefill's working set (one block's
+    activations for the whole prompt, fused attention) with the last position's fp32 logits.
+    Returns {"weights", "kv_cache", "activations", "total"}."""
+    H, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    b = torch.tensor([], dtype=dtype).element_size()
+    experts = L * gpt_oss_expert_weights(config)
+    dense = L * gpt_oss_block_params(config) + 2 * V * H + H + extra_params - experts
+    weights = dense * b + experts * (MXFP4_BYTES if mxfp4_experts else b)
+    slots = sum(min(config.window_of(i), context) if config.window_of(i) else context for i in range(L))
+    kv_cache = batch * slots * 2 * config.num_key_value_heads * config.head_dim * b
+    activations = gpt_oss_block_activation_bytes(config, batch * context, context, b) + batch * V * 4
+    plan = {"weights": weights / GiB, "kv_cache": kv_cache / GiB, "activations": activations / GiB}
+    plan["total"] = sum(plan.values())
     return plan
