@@ -529,6 +529,13 @@ class GPT(nn.Module):
         return [KVCache(batch, max_len, c.num_key_value_heads, c.head_dim, c.window_of(i), w.dtype, w.device, key_mask)
                 for i in range(c.num_hidden_layers)]
 
+    def plain_blocks(self) -> bool:
+        """Whether every projection and router is this file's own module. The CPU fast path copies their weights;
+        a module wrapped from outside (a LoRA adapter, lora.py) changes the maths, so its block runs its forward."""
+        return all(type(m) is nn.Linear for block in self.model.layers for m in
+                   (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj)) \
+            and all(type(block.mlp.router) is Router for block in self.model.layers)
+
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_tokens=None, inputs_embeds=None,
                  prompt_lens=None, generator=None, cpu_fast_path=True):
         """Sample max_new_tokens after the prompt with a KV cache; temperature=0.0 is greedy.
@@ -576,7 +583,7 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         fill = self.config.pad_token_id
         # CPU fast path: fused_cpu.decode_step, tested equal to the blocks' forward
-        fast = cpu_fast_path and device.type == "cpu" and fused.kernel_path(prompt) == "torch"
+        fast = cpu_fast_path and device.type == "cpu" and fused.kernel_path(prompt) == "torch" and self.plain_blocks()
         weights = fused_cpu.decode_weights(self) if fast else None
         # the prompt through the blocks' own forward, filling the caches
         h, _ = self.hidden_states(idx if inputs_embeds is None else None, inputs_embeds,

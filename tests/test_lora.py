@@ -144,6 +144,14 @@ def test_gptoss_adapter_loads_in_peft_with_the_same_logits(gpt_ckpt, tmp_path):
     with torch.no_grad():
         assert rel_err(ours, load_hf(gpt_ckpt)(input_ids=idx).logits) > 1e-3  # the adapter changed the logits
 
+    # greedy generation with the adapter unmerged follows the adapted forward (the CPU fast path copies plain
+    # weights, so it must step aside for adapted blocks)
+    assert not gpt.plain_blocks()
+    greedy = idx[:1, :8]
+    for _ in range(6):
+        greedy = torch.cat([greedy, gpt_logits(gpt, greedy)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(gpt.generate(idx[:1, :8], 6, temperature=0.0), greedy)
+
 
 def llava_loss(ids, pixels):
     targets = torch.roll(ids, -1, dims=1)
