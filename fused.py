@@ -68,6 +68,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import fused_cpu
 
 # Kernels are compiled or interpreted when triton is imported. Forcing triton without a GPU means
@@ -712,26 +713,37 @@ def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias,
     one summation order on any number of processes and threads). Gathers are index_select: its backward is
     index_add."""
     N, K = topk_idx.shape
-    E, H = gate_up_proj.shape[0], x.shape[1]
+    E = gate_up_proj.shape[0]
     if N == 0:
         return torch.zeros_like(x)
     if decoding and N * K <= fused_cpu.FEW_SLOTS:
         y = fused_cpu.moe_experts_few_slots(x, topk_idx, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                             act=lambda h: swiglu_torch(h, limit, alpha))  # (N, K, H)
         return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)
+    # split and unbind, not slices and indexing: autograd joins their gradients with one cat or stack, instead of
+    # zero-filling a full-size tensor per slice (per expert: E copies of every expert parameter)
+    gate_up, down = gate_up_proj.unbind(0), down_proj.unbind(0)
+    return _moe_experts_sorted(x, topk_idx, topk_weight, E, lambda e: (gate_up[e], down[e]), gate_up_proj_bias,
+                               down_proj_bias, limit, alpha)
+
+
+def _moe_experts_sorted(x, topk_idx, topk_weight, n_experts, expert_weights, gate_up_proj_bias, down_proj_bias,
+                        limit, alpha):
+    """moe_experts_torch's sorted path; expert_weights(e) -> (gate_up (H, 2I), down (I, H)) of expert e, asked
+    only for the experts that got a slot."""
+    N, K = topk_idx.shape
+    H = x.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
     x_sorted = x.index_select(0, order // K)  # (N*K, H)
-    counts = torch.bincount(flat_expert, minlength=E).tolist()  # a host sync on GPUs (the reference path)
+    counts = torch.bincount(flat_expert, minlength=n_experts).tolist()  # a host sync on GPUs (the reference path)
     experts, rows = [e for e, n in enumerate(counts) if n], [n for n in counts if n]
     y_sorted = []
-    # split and unbind, not slices and indexing: autograd joins their gradients with one cat or stack, instead of
-    # zero-filling a full-size tensor per slice (per expert: E copies of every expert parameter)
-    gate_up, gate_up_bias, down, down_bias = (p.unbind(0) for p in (gate_up_proj, gate_up_proj_bias, down_proj,
-                                                                     down_proj_bias))
+    gate_up_bias, down_bias = gate_up_proj_bias.unbind(0), down_proj_bias.unbind(0)
     for e, x_e in zip(experts, x_sorted.split(rows)):
-        h = swiglu_torch(torch.addmm(gate_up_bias[e], x_e, gate_up[e]), limit, alpha)  # (n_e, I)
-        y_sorted.append(torch.addmm(down_bias[e], h, down[e]))  # (n_e, H)
+        gate_up, down = expert_weights(e)
+        h = swiglu_torch(torch.addmm(gate_up_bias[e], x_e, gate_up), limit, alpha)  # (n_e, I)
+        y_sorted.append(torch.addmm(down_bias[e], h, down))  # (n_e, H)
     y_sorted = torch.cat(y_sorted)  # (N*K, H)
     y = y_sorted.index_select(0, torch.argsort(order)).view(N, K, H)  # back in slot order, (N*K, H) -> (N, K, H)
     return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)
@@ -918,6 +930,55 @@ def moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_
                                    down_proj_bias, limit, alpha)
     return moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, limit, alpha, decoding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MXFP4-resident experts: the released uint8 blocks and scales, dequantised per expert inside the product
+
+
+def mxfp4_expert_weight(blocks, scales, dtype):
+    """One expert's released MXFP4 pair, blocks (out, in/32, 16) and scales (out, in/32), as the dense (in, out)
+    matrix of transformers' x @ W layout in dtype (exact: FP4 times a power of two fits bf16). Contiguous, as the
+    dense parameter's slice is, so the products round as the dense path's do."""
+    return checkpoint.mxfp4_dequantize(blocks, scales, dtype).t().contiguous()  # (out, in) -> (in, out)
+
+
+def moe_experts_mxfp4_torch(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias,
+                            down_blocks, down_scales, down_proj_bias, limit=7.0, alpha=1.702, decoding=False):
+    """moe_experts_torch with the expert weights in MXFP4: gate_up_blocks (E, 2I, H/32, 16), gate_up_scales
+    (E, 2I, H/32), down_blocks (E, H, I/32, 16), down_scales (E, H, I/32), the released layout. Each expert that
+    gets a slot is dequantised (in the biases' dtype) just before its products, so no more than one expert's dense
+    weights exist at a time; the results are those of moe_experts_torch on the dequantised weights, bit for bit.
+    decoding=True with a few slots dequantises the few experts chosen and runs fused_cpu.moe_experts_few_slots.
+    The blocks and scales get no gradient (a frozen base); x and the biases do."""
+    N, K = topk_idx.shape
+    E, dtype = gate_up_blocks.shape[0], gate_up_proj_bias.dtype
+    if N == 0:
+        return torch.zeros_like(x)
+    if decoding and N * K <= fused_cpu.FEW_SLOTS:
+        chosen, slot_of = torch.unique(topk_idx, return_inverse=True)  # (U,) experts used, (N, K) into them
+        gate_up = torch.stack([mxfp4_expert_weight(gate_up_blocks[e], gate_up_scales[e], dtype) for e in chosen])
+        down = torch.stack([mxfp4_expert_weight(down_blocks[e], down_scales[e], dtype) for e in chosen])
+        y = fused_cpu.moe_experts_few_slots(x, slot_of, gate_up, gate_up_proj_bias[chosen], down,
+                                            down_proj_bias[chosen], act=lambda h: swiglu_torch(h, limit, alpha))
+        return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)  # (N, K, H) -> (N, H)
+
+    def expert_weights(e):
+        return (mxfp4_expert_weight(gate_up_blocks[e], gate_up_scales[e], dtype),  # (H, 2I)
+                mxfp4_expert_weight(down_blocks[e], down_scales[e], dtype))  # (I, H)
+    return _moe_experts_sorted(x, topk_idx, topk_weight, E, expert_weights, gate_up_proj_bias, down_proj_bias,
+                               limit, alpha)
+
+
+def moe_experts_mxfp4(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks,
+                      down_scales, down_proj_bias, limit=7.0, alpha=1.702, decoding=False):
+    """moe_experts with MXFP4 expert weights (see moe_experts_mxfp4_torch); Triton dequantises inside the grouped
+    GEMM (_mxfp4_grouped_mm_kernel) and ignores decoding."""
+    args = (x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks, down_scales,
+            down_proj_bias, limit, alpha)
+    if _use_triton(x):
+        return _moe_experts_mxfp4_triton(*args)
+    return moe_experts_mxfp4_torch(*args, decoding=decoding)
 
 
 # ----------------------------------------------------------------------------------------------------------
