@@ -577,7 +577,7 @@ class GPT(nn.Module):
                 for i in range(c.num_hidden_layers)]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_tokens=None, inputs_embeds=None,
-                 prompt_lens=None, generator=None, cpu_fast_path=True):
+                 prompt_lens=None, generator=None, cpu_fast_path=True, on_token=None):
         """Sample max_new_tokens after the prompt with a KV cache; temperature=0.0 is greedy.
 
         idx (B, T) prompt ids; or inputs_embeds (B, T, H) for the prompt (MedGPT's image features), with idx the ids to
@@ -589,6 +589,7 @@ class GPT(nn.Module):
         (or its stop token when that is None), and generation ends when every row has finished.
         cpu_fast_path: on a CPU with the torch path, decode with fused_cpu.decode_step (False: every new token through
         the blocks' forward, the path the fast one is tested against).
+        on_token: called with each step's new tokens (B,) as they come (sample.py streams the answer with it).
         Returns (B, T + n) LongTensor, the new tokens in [:, T:], n <= max_new_tokens.
         """
         # inference mode, not just no_grad: torch skips version counters and view tracking on every op, a sizeable
@@ -596,11 +597,11 @@ class GPT(nn.Module):
         # for backward outside it, so the caller gets an ordinary copy of the ids.
         with torch.inference_mode():
             out = self._generate(idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens,
-                                 generator, cpu_fast_path)
+                                 generator, cpu_fast_path, on_token)
         return out.clone()
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens, generator,
-                  cpu_fast_path):
+                  cpu_fast_path, on_token=None):
         """GPT.generate's loop (called in inference mode)."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         B, T = prompt.shape[:2]
@@ -638,6 +639,8 @@ class GPT(nn.Module):
                 next_token = torch.where(finished, row_fill, next_token)
                 finished |= torch.isin(next_token, stops)
             out[:, T + n] = next_token
+            if on_token is not None:
+                on_token(next_token)
             n += 1
             if n == max_new_tokens or (stops is not None and bool(finished.all())):
                 break
@@ -878,13 +881,13 @@ class MedGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                 stop_tokens=None, prompt_lens=None, generator=None):
-        """Decode after prompts that may hold images (greedy by default); see GPT.generate for left padding.
-        Returns (B, T + n) LongTensor."""
+                 stop_tokens=None, prompt_lens=None, generator=None, on_token=None):
+        """Decode after prompts that may hold images (greedy by default); see GPT.generate for left padding and
+        on_token. Returns (B, T + n) LongTensor."""
         embeds = self.embed(input_ids, pixel_values)
         return self.language_model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                             stop_tokens=stop_tokens, inputs_embeds=embeds, prompt_lens=prompt_lens,
-                                            generator=generator)
+                                            generator=generator, on_token=on_token)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
