@@ -205,7 +205,8 @@ def test_zero3_keeps_the_mxfp4_buffers_whole(released):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_mxfp4_experts_equal_the_torch_reference(dtype, monkeypatch):
-    """The MXFP4 grouped GEMM (dequantising in the kernel) against moe_experts_mxfp4_torch, forward and dx; under
+    """The MXFP4 grouped GEMM (dequantising in the kernel) against moe_experts_mxfp4_torch, forward, dx and the
+    biases' gradients; under
     TRITON_INTERPRET=1 here (fp32 and fp16: the interpreter's bf16 dots are wrong)."""
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
@@ -224,13 +225,12 @@ def test_triton_mxfp4_experts_equal_the_torch_reference(dtype, monkeypatch):
     out = {}
     for path in ("torch", "triton"):
         monkeypatch.setenv("MEDGPT_KERNELS", path)
-        xr = x.clone().requires_grad_(True)
-        y = fused.moe_experts_mxfp4(xr, top_idx, top_weight, gu_blocks, gu_scales, gu_bias, dn_blocks, dn_scales,
-                                    dn_bias)
+        xr, gb, db = (t.clone().requires_grad_(True) for t in (x, gu_bias, dn_bias))
+        y = fused.moe_experts_mxfp4(xr, top_idx, top_weight, gu_blocks, gu_scales, gb, dn_blocks, dn_scales, db)
         y.backward(dy)
-        out[path] = (y.detach().float(), xr.grad.float())
+        out[path] = (y.detach().float(), xr.grad.float(), gb.grad.float(), db.grad.float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for what, got, want in zip(("y", "dx"), out["triton"], out["torch"]):
+    for what, got, want in zip(("y", "dx", "d gate_up bias", "d down bias"), out["triton"], out["torch"]):
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel < tol, (what, rel)
 
