@@ -19,6 +19,8 @@ Public functions (the seam model.py plugs into)
 - swiglu(gate_up, limit, alpha)                             GPT-oss clamped SwiGLU on interleaved gate/up
 - moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, ...,
               decoding=False)                               decoding=True: a few tokens, slot by slot (torch path)
+- moe_experts_mxfp4(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks,
+                    down_scales, down_proj_bias, ...)      experts held in MXFP4 (the released layout), frozen
 - linear_cross_entropy(x, weight, targets, ignore_index, reduction)   unembedding + loss, no full logits
 
 Torch path (the references, and what it runs instead of them)
@@ -28,6 +30,8 @@ Torch path (the references, and what it runs instead of them)
   hand-written backward), fused_cpu.attention_one_query for the KV-cache step, attention_torch otherwise.
 - moe_experts: moe_experts_torch (slots sorted by expert, one addmm per expert); with decoding=True and a few
   slots, fused_cpu.moe_experts_few_slots.
+- moe_experts_mxfp4: moe_experts_mxfp4_torch, each used expert dequantised (checkpoint.mxfp4_dequantize) just before
+  moe_experts_torch's products: bit for bit the dense path on the dequantised weights.
 - linear_cross_entropy: chunked like the Triton path, one in-place exp per chunk for both the loss and the softmax;
   linear_cross_entropy_torch is the unfused specification.
 
@@ -52,6 +56,9 @@ Triton path (forward and backward, each an autograd.Function)
   GEMM's backward is the same kernel with W transposed for dx, and a per-expert kernel for dW and the bias.
   We write our own grouped GEMM rather than torch._grouped_mm because it runs on every GPU generation and
   dtype (fp32 too) and in the interpreter on CPU; medgpt_tools/gpu_check.py times torch._grouped_mm beside it.
+- moe_experts_mxfp4: the same dispatch; the grouped GEMM (_mxfp4_grouped_mm_kernel) dequantises each weight tile in
+  registers from the uint8 blocks and scales (exact fp32 bits, cast to the activations' dtype before the dot);
+  TRANSPOSED reads W^T for dx. No dW: the MXFP4 experts are a frozen base; the biases' gradients are row sums.
 - The interpreter's tl.dot is wrong on bf16 operands, so when interpreting the kernels upcast to fp32
   before every dot (DOT_F32).
 - What the interpreter hides (it runs programs one at a time, with exact fp32 dots): no two programs write one

@@ -323,10 +323,10 @@ class Experts(nn.Module):
             self.register_buffer("gate_up_proj_scales", torch.zeros(E, 2 * I, H // 32, dtype=torch.uint8))
             self.register_buffer("down_proj_blocks", torch.zeros(E, H, I // 32, 16, dtype=torch.uint8))
             self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, dtype=torch.uint8))
-        else:
-            self.gate_up_proj = nn.Parameter(torch.zeros(E, H, 2 * I))
-            self.down_proj = nn.Parameter(torch.zeros(E, I, H))
+        # registration order = transformers' state-dict order (each weight, then its bias)
+        self.gate_up_proj = None if mxfp4 else nn.Parameter(torch.zeros(E, H, 2 * I))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj = None if mxfp4 else nn.Parameter(torch.zeros(E, I, H))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
 
