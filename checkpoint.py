@@ -145,37 +145,79 @@ def _mxfp4_shapes(shape):
     return (E, n_out, n_in // 32, 16), (E, n_out, n_in // 32)
 
 
+FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive FP4 magnitudes 0 .5 1 1.5 2 3 4 6
+
+
+def mxfp4_quantize(w):
+    """w (..., G * 32) float -> (blocks (..., G, 16), scales (..., G)) uint8, the inverse of mxfp4_dequantize.
+
+    The OCP MX v1.0 rule: each group of 32 shares the exponent floor(log2(max |w|)) - 2 (2 = the largest FP4
+    exponent, so the group's largest value lands in [4, 8)); each value divided by 2^exponent is rounded to the
+    nearest FP4 value, ties to the even code, saturating at +-6; the sign is kept (-0 too). An all-zero group gets
+    scale 0. Values that already are MXFP4 come back as themselves (their bytes too when a group's largest code is
+    4 or 6 in magnitude)."""
+    groups = w.float().contiguous().unflatten(-1, (-1, 32))  # (..., G, 32)
+    amax = groups.abs().amax(dim=-1)  # (..., G)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127))
+    exponent = exponent.clamp(-127, 127)  # the 8-bit scale's range
+    magnitude = groups.abs() / torch.ldexp(torch.ones_like(exponent), exponent.int())[..., None]  # (..., G, 32)
+    midpoints = torch.tensor(FP4_MIDPOINTS, device=w.device)
+    down, up = torch.bucketize(magnitude, midpoints), torch.bucketize(magnitude, midpoints, right=True)
+    codes = torch.where(down % 2 == 0, down, up)  # differ only at a midpoint: take the even code
+    codes = codes | (torch.signbit(groups).long() << 3)  # (..., G, 32) in [0, 16)
+    pairs = codes.unflatten(-1, (16, 2))  # (..., G, 16, 2): low nibble first
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)  # (..., G, 16)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Filling a built module from a directory
 
 COPY_CHUNK_BYTES = 256 * 2**20  # rows copied at a time from a file into a parameter
 
 
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+
+
+def model_tensors(model):
+    """{name: tensor} a checkpoint fills: every parameter, and the uint8 MXFP4 buffers of resident experts
+    (model.Experts with mxfp4=True), which carry the released names (`...experts.gate_up_proj_blocks`)."""
+    return {**dict(model.named_parameters()),
+            **{n: b for n, b in model.named_buffers() if n.endswith(MXFP4_SUFFIXES)}}
+
+
 @torch.no_grad()
 def load_gpt_oss(model, path):
-    """Fill every parameter of a model.GPT from a Hugging Face gpt-oss checkpoint (experts dense or MXFP4)."""
-    fill_params(dict(model.named_parameters()), checkpoint_files(path), path,
+    """Fill every parameter (and resident MXFP4 buffer) of a model.GPT from a Hugging Face gpt-oss checkpoint
+    (experts dense or MXFP4)."""
+    fill_params(model_tensors(model), checkpoint_files(path), path,
                 "Check num_hidden_layers, num_local_experts and the file list of the index.")
 
 
 @torch.no_grad()
 def load_llava(model, path):
-    """Fill every parameter of a model.MedGPT from a LLaVA directory, in whichever LLAVA_LAYOUTS it is written."""
+    """Fill every parameter (and resident MXFP4 buffer) of a model.MedGPT from a LLaVA directory, in whichever
+    LLAVA_LAYOUTS it is written."""
     name_to_file = checkpoint_files(path)
     layout = llava_layout(name_to_file, path)
-    params = {to_checkpoint_name(name, layout): p for name, p in model.named_parameters()}
+    params = {to_checkpoint_name(name, layout): p for name, p in model_tensors(model).items()}
     fill_params(params, name_to_file, path, f"(The directory is in the {layout} LLaVA layout.)",
                 ignored=IGNORED_CHECKPOINT_KEYS)
 
 
 def fill_params(params, name_to_file, path, hint, ignored=()):
-    """params: checkpoint tensor name -> parameter. Checks every name first (fail before reading gigabytes: a
-    missing or unexpected tensor, `ignored` suffixes aside), then streams each tensor in, dense or MXFP4."""
+    """params: checkpoint tensor name -> parameter (or resident MXFP4 buffer). Checks every name first (fail before
+    reading gigabytes: a missing or unexpected tensor, `ignored` suffixes aside), then streams each tensor in:
+    dense as it is, MXFP4 pairs dequantised into a dense parameter, or copied byte for byte into resident buffers;
+    a dense expert under resident buffers is quantised (mxfp4_quantize), one expert at a time."""
     _require_safetensors(name_to_file, path)
     is_mxfp4 = {n: n not in name_to_file and n + "_blocks" in name_to_file and n + "_scales" in name_to_file
                 for n in params}
-    missing = [n for n in params if n not in name_to_file and not is_mxfp4[n]]
-    expected = set(params) | {n + s for n in params if is_mxfp4[n] for s in ("_blocks", "_scales")}
+    # resident buffers `X_blocks` / `X_scales` over a dense checkpoint tensor X
+    from_dense = {n: n[:-len("_blocks")] for n in params if n.endswith(MXFP4_SUFFIXES) and n not in name_to_file
+                  and n[:-len("_blocks")] in name_to_file}
+    missing = [n for n in params if n not in name_to_file and not is_mxfp4[n] and n not in from_dense]
+    expected = set(params) | set(from_dense.values()) | {n + s for n in params if is_mxfp4[n] for s in MXFP4_SUFFIXES}
     unexpected = sorted(n for n in set(name_to_file) - expected if not n.endswith(tuple(ignored)))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match config.json: {_listed('missing', missing)}, "
@@ -183,6 +225,10 @@ def fill_params(params, name_to_file, path, hint, ignored=()):
     for name, param in params.items():
         if is_mxfp4[name]:
             _copy_mxfp4(param, name_to_file[name + "_blocks"], name_to_file[name + "_scales"], name)
+        elif name in from_dense:
+            if name.endswith("_blocks"):  # the pair is filled at once
+                base = from_dense[name]
+                _quantize_into(param, params[base + "_scales"], name_to_file[base], base)
         else:
             _copy_rows(param, name_to_file[name], name)
 
@@ -221,6 +267,59 @@ def _copy_mxfp4(param, blocks_file, scales_file, name):
         for e in range(param.shape[0]):
             w = mxfp4_dequantize(blocks[e:e + 1][0], scales[e:e + 1][0], param.dtype)  # (out, in)
             param[e].copy_(w.t())  # (out, in) -> (in, out)
+
+
+def _quantize_into(blocks, scales, file, name):
+    """Quantise the dense expert tensor `name` ((E, in, out), transformers' layout) of `file` one expert at a time
+    into resident buffers blocks (E, out, in/32, 16) and scales (E, out, in/32)."""
+    with safe_open(file, framework="pt") as f:
+        src = f.get_slice(name)
+        shape = tuple(src.get_shape())
+        if len(shape) != 3 or _mxfp4_shapes(shape) != (tuple(blocks.shape), tuple(scales.shape)):
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, expected (E, in, out) matching the MXFP4 "
+                             f"buffers {tuple(blocks.shape)} / {tuple(scales.shape)} from config.json")
+        for e in range(shape[0]):
+            b, s = mxfp4_quantize(src[e:e + 1][0].t())  # (in, out) -> (out, in) -> (out, in/32, 16), (out, in/32)
+            blocks[e].copy_(b)
+            scales[e].copy_(s)
+
+
+def mxfp4_state(named_tensors, experts_suffixes=("experts.gate_up_proj", "experts.down_proj")):
+    """(name, tensor) pairs with every dense expert tensor (E, in, out) replaced by its released MXFP4 pair
+    (`name_blocks`, `name_scales`), quantised one expert at a time (mxfp4_quantize); resident MXFP4 buffers and
+    every other tensor pass through unchanged."""
+    for name, t in named_tensors:
+        if not name.endswith(experts_suffixes):
+            yield name, t
+            continue
+        pairs = [mxfp4_quantize(t[e].detach().t()) for e in range(t.shape[0])]  # per expert: (out, in) quantised
+        yield name + "_blocks", torch.stack([b for b, _ in pairs])  # (E, out, in/32, 16)
+        yield name + "_scales", torch.stack([s for _, s in pairs])  # (E, out, in/32)
+
+
+def dense_state(named_tensors, dtype):
+    """(name, tensor) pairs with every resident MXFP4 pair (`name_blocks`, `name_scales`, in that order, as
+    model.Experts registers them) replaced by the dense expert tensor `name` (E, in, out) in dtype."""
+    blocks = {}
+    for name, t in named_tensors:
+        if name.endswith("_blocks"):
+            blocks[name[:-len("_blocks")]] = t
+        elif name.endswith("_scales"):
+            base = name[:-len("_scales")]
+            yield base, torch.stack([mxfp4_dequantize(b, s, dtype).t() for b, s in zip(blocks.pop(base), t)])
+        else:
+            yield name, t
+    if blocks:
+        raise ValueError(f"dense_state: MXFP4 blocks without their scales: {sorted(blocks)}")
+
+
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def mxfp4_quantization_config(prefix=""):
+    """The quantization_config of the released gpt-oss config.json; prefix: where the language model sits
+    (LLaVA: 'language_model.')."""
+    return {"quant_method": "mxfp4", "modules_to_not_convert": [prefix + m for m in MXFP4_NOT_CONVERTED]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,7 +477,9 @@ def write_safetensors(named_tensors, path, max_shard_bytes=5 * 2**30, dtype=None
         shard, shard_bytes = {}, 0
 
     for name, tensor in named_tensors:
-        tensor = tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
+        if dtype is not None and tensor.is_floating_point():  # MXFP4 bytes (uint8) are never cast
+            tensor = tensor.to(dtype)
+        tensor = tensor.detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.itemsize
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()

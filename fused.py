@@ -19,6 +19,8 @@ Public functions (the seam model.py plugs into)
 - swiglu(gate_up, limit, alpha)                             GPT-oss clamped SwiGLU on interleaved gate/up
 - moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, ...,
               decoding=False)                               decoding=True: a few tokens, slot by slot (torch path)
+- moe_experts_mxfp4(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks,
+                    down_scales, down_proj_bias, ...)      experts held in MXFP4 (the released layout), frozen
 - linear_cross_entropy(x, weight, targets, ignore_index, reduction)   unembedding + loss, no full logits
 
 Torch path (the references, and what it runs instead of them)
@@ -28,6 +30,8 @@ Torch path (the references, and what it runs instead of them)
   hand-written backward), fused_cpu.attention_one_query for the KV-cache step, attention_torch otherwise.
 - moe_experts: moe_experts_torch (slots sorted by expert, one addmm per expert); with decoding=True and a few
   slots, fused_cpu.moe_experts_few_slots.
+- moe_experts_mxfp4: moe_experts_mxfp4_torch, each used expert dequantised (checkpoint.mxfp4_dequantize) just before
+  moe_experts_torch's products: bit for bit the dense path on the dequantised weights.
 - linear_cross_entropy: chunked like the Triton path, one in-place exp per chunk for both the loss and the softmax;
   linear_cross_entropy_torch is the unfused specification.
 
@@ -52,6 +56,9 @@ Triton path (forward and backward, each an autograd.Function)
   GEMM's backward is the same kernel with W transposed for dx, and a per-expert kernel for dW and the bias.
   We write our own grouped GEMM rather than torch._grouped_mm because it runs on every GPU generation and
   dtype (fp32 too) and in the interpreter on CPU; medgpt_tools/gpu_check.py times torch._grouped_mm beside it.
+- moe_experts_mxfp4: the same dispatch; the grouped GEMM (_mxfp4_grouped_mm_kernel) dequantises each weight tile in
+  registers from the uint8 blocks and scales (exact fp32 bits, cast to the activations' dtype before the dot);
+  TRANSPOSED reads W^T for dx. No dW: the MXFP4 experts are a frozen base; the biases' gradients are row sums.
 - The interpreter's tl.dot is wrong on bf16 operands, so when interpreting the kernels upcast to fp32
   before every dot (DOT_F32).
 - What the interpreter hides (it runs programs one at a time, with exact fp32 dots): no two programs write one
@@ -68,6 +75,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import fused_cpu
 
 # Kernels are compiled or interpreted when triton is imported. Forcing triton without a GPU means
@@ -712,26 +720,37 @@ def moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias,
     one summation order on any number of processes and threads). Gathers are index_select: its backward is
     index_add."""
     N, K = topk_idx.shape
-    E, H = gate_up_proj.shape[0], x.shape[1]
+    E = gate_up_proj.shape[0]
     if N == 0:
         return torch.zeros_like(x)
     if decoding and N * K <= fused_cpu.FEW_SLOTS:
         y = fused_cpu.moe_experts_few_slots(x, topk_idx, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                                             act=lambda h: swiglu_torch(h, limit, alpha))  # (N, K, H)
         return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)
+    # split and unbind, not slices and indexing: autograd joins their gradients with one cat or stack, instead of
+    # zero-filling a full-size tensor per slice (per expert: E copies of every expert parameter)
+    gate_up, down = gate_up_proj.unbind(0), down_proj.unbind(0)
+    return _moe_experts_sorted(x, topk_idx, topk_weight, E, lambda e: (gate_up[e], down[e]), gate_up_proj_bias,
+                               down_proj_bias, limit, alpha)
+
+
+def _moe_experts_sorted(x, topk_idx, topk_weight, n_experts, expert_weights, gate_up_proj_bias, down_proj_bias,
+                        limit, alpha):
+    """moe_experts_torch's sorted path; expert_weights(e) -> (gate_up (H, 2I), down (I, H)) of expert e, asked
+    only for the experts that got a slot."""
+    N, K = topk_idx.shape
+    H = x.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
     x_sorted = x.index_select(0, order // K)  # (N*K, H)
-    counts = torch.bincount(flat_expert, minlength=E).tolist()  # a host sync on GPUs (the reference path)
+    counts = torch.bincount(flat_expert, minlength=n_experts).tolist()  # a host sync on GPUs (the reference path)
     experts, rows = [e for e, n in enumerate(counts) if n], [n for n in counts if n]
     y_sorted = []
-    # split and unbind, not slices and indexing: autograd joins their gradients with one cat or stack, instead of
-    # zero-filling a full-size tensor per slice (per expert: E copies of every expert parameter)
-    gate_up, gate_up_bias, down, down_bias = (p.unbind(0) for p in (gate_up_proj, gate_up_proj_bias, down_proj,
-                                                                     down_proj_bias))
+    gate_up_bias, down_bias = gate_up_proj_bias.unbind(0), down_proj_bias.unbind(0)
     for e, x_e in zip(experts, x_sorted.split(rows)):
-        h = swiglu_torch(torch.addmm(gate_up_bias[e], x_e, gate_up[e]), limit, alpha)  # (n_e, I)
-        y_sorted.append(torch.addmm(down_bias[e], h, down[e]))  # (n_e, H)
+        gate_up, down = expert_weights(e)
+        h = swiglu_torch(torch.addmm(gate_up_bias[e], x_e, gate_up), limit, alpha)  # (n_e, I)
+        y_sorted.append(torch.addmm(down_bias[e], h, down))  # (n_e, H)
     y_sorted = torch.cat(y_sorted)  # (N*K, H)
     y = y_sorted.index_select(0, torch.argsort(order)).view(N, K, H)  # back in slot order, (N*K, H) -> (N, K, H)
     return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)
@@ -890,17 +909,26 @@ class _GroupedLinear(torch.autograd.Function):
 
 def _moe_experts_triton(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias,
                         limit, alpha):
+    return _moe_triton(x, topk_idx, topk_weight, gate_up_proj.shape[0],
+                       lambda a, plan, _: _GroupedLinear.apply(a, gate_up_proj, gate_up_proj_bias, *plan),
+                       lambda h, plan, _: _GroupedLinear.apply(h, down_proj, down_proj_bias, *plan), limit, alpha)
+
+
+def _moe_triton(x, topk_idx, topk_weight, n_experts, gate_up, down, limit, alpha):
+    """The Triton MoE around two grouped products: gate_up(rows, plan, row_expert) and down(...) map the rows sorted
+    by expert (R, in) to (R, out); row_expert (R,) is each sorted row's expert."""
     N, K = topk_idx.shape
-    E, H = gate_up_proj.shape[0], x.shape[1]
+    H = x.shape[1]
     flat_expert = topk_idx.reshape(-1)  # (N*K,) slot s = token s // K, choice s % K
     order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots sorted by expert
     (bm, _, _, _), _ = _grouped_mm_config()
-    plan = _moe_plan(flat_expert, E, bm)
+    plan = _moe_plan(flat_expert, n_experts, bm)
+    row_expert = flat_expert[order]  # (N*K,)
     # gather: one row per slot, in expert order (expand + index: its backward sums the K copies, no atomics)
     x_sorted = x[:, None, :].expand(N, K, H).reshape(N * K, H)[order]  # (N*K, H)
-    h = _GroupedLinear.apply(x_sorted, gate_up_proj, gate_up_proj_bias, *plan)  # (N*K, 2I)
+    h = gate_up(x_sorted, plan, row_expert)  # (N*K, 2I)
     h = swiglu(h, limit, alpha)  # (N*K, I)
-    y = _GroupedLinear.apply(h, down_proj, down_proj_bias, *plan)  # (N*K, H)
+    y = down(h, plan, row_expert)  # (N*K, H)
     # weighted scatter back: un-sort with the inverse permutation, then a weighted sum over each token's K slots
     inverse = torch.argsort(order)
     y_by_slot = y[inverse].view(N, K, H)  # (N, K, H)
@@ -918,6 +946,173 @@ def moe_experts(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_
                                    down_proj_bias, limit, alpha)
     return moe_experts_torch(x, topk_idx, topk_weight, gate_up_proj, gate_up_proj_bias, down_proj,
                              down_proj_bias, limit, alpha, decoding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MXFP4-resident experts: the released uint8 blocks and scales, dequantised per expert inside the product
+
+
+def mxfp4_expert_weight(blocks, scales, dtype):
+    """One expert's released MXFP4 pair, blocks (out, in/32, 16) and scales (out, in/32), as the dense (in, out)
+    matrix of transformers' x @ W layout in dtype (exact: FP4 times a power of two fits bf16). Contiguous, as the
+    dense parameter's slice is, so the products round as the dense path's do."""
+    return checkpoint.mxfp4_dequantize(blocks, scales, dtype).t().contiguous()  # (out, in) -> (in, out)
+
+
+def moe_experts_mxfp4_torch(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias,
+                            down_blocks, down_scales, down_proj_bias, limit=7.0, alpha=1.702, decoding=False):
+    """moe_experts_torch with the expert weights in MXFP4: gate_up_blocks (E, 2I, H/32, 16), gate_up_scales
+    (E, 2I, H/32), down_blocks (E, H, I/32, 16), down_scales (E, H, I/32), the released layout. Each expert that
+    gets a slot is dequantised (in the biases' dtype) just before its products, so no more than one expert's dense
+    weights exist at a time; the results are those of moe_experts_torch on the dequantised weights, bit for bit.
+    decoding=True with a few slots dequantises the few experts chosen and runs fused_cpu.moe_experts_few_slots.
+    The blocks and scales get no gradient (a frozen base); x and the biases do."""
+    N, K = topk_idx.shape
+    E, dtype = gate_up_blocks.shape[0], gate_up_proj_bias.dtype
+    if N == 0:
+        return torch.zeros_like(x)
+    if decoding and N * K <= fused_cpu.FEW_SLOTS:
+        chosen, slot_of = torch.unique(topk_idx, return_inverse=True)  # (U,) experts used, (N, K) into them
+        gate_up = torch.stack([mxfp4_expert_weight(gate_up_blocks[e], gate_up_scales[e], dtype) for e in chosen])
+        down = torch.stack([mxfp4_expert_weight(down_blocks[e], down_scales[e], dtype) for e in chosen])
+        y = fused_cpu.moe_experts_few_slots(x, slot_of, gate_up, gate_up_proj_bias[chosen], down,
+                                            down_proj_bias[chosen], act=lambda h: swiglu_torch(h, limit, alpha))
+        return _weighted_sum_of_slots(y, topk_weight).to(x.dtype)  # (N, K, H) -> (N, H)
+
+    def expert_weights(e):
+        return (mxfp4_expert_weight(gate_up_blocks[e], gate_up_scales[e], dtype),  # (H, 2I)
+                mxfp4_expert_weight(down_blocks[e], down_scales[e], dtype))  # (I, H)
+    return _moe_experts_sorted(x, topk_idx, topk_weight, E, expert_weights, gate_up_proj_bias, down_proj_bias,
+                               limit, alpha)
+
+
+@_jit
+def _mxfp4_tile(Blocks, Scales, e, out_idx, in_idx, W_OUT, W_IN):
+    """fp32 values of expert e's dequantised weight (W_OUT, W_IN) at out_idx x in_idx (broadcastable 2-D index
+    tensors), read from the released layout: byte (e, out, in // 2) holds code `in` in its low nibble when `in` is
+    even, scale (e, out, in // 32). FP4 E2M1: sign bit 3, exponent bits 2-1, mantissa bit 0; built as fp32 bits
+    (exact; the exponent field 0 is the subnormal +-0.5 * mantissa). 2^(s - 127) is the fp32 with exponent bits s
+    (s = 0: the subnormal 2^-127)."""
+    ok = (out_idx < W_OUT) & (in_idx < W_IN)
+    expert = e.to(tl.int64) * W_OUT * W_IN  # first element of expert e
+    byte = tl.load(Blocks + expert // 2 + out_idx * (W_IN // 2) + in_idx // 2, mask=ok, other=0).to(tl.int32)
+    code = (byte >> ((in_idx % 2) * 4)) & 15
+    s = tl.load(Scales + expert // 32 + out_idx * (W_IN // 32) + in_idx // 32, mask=ok, other=127).to(tl.int32)
+    sign, exponent, mantissa = code >> 3, (code >> 1) & 3, code & 1
+    normal = ((sign << 31) | ((exponent + 126) << 23) | (mantissa << 22)).to(tl.float32, bitcast=True)
+    subnormal = tl.where(sign == 1, -0.5, 0.5) * mantissa.to(tl.float32)
+    value = tl.where(exponent == 0, subnormal, normal)
+    scale = tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)
+    return value * scale
+
+
+@_jit
+def _mxfp4_grouped_mm_kernel(A, Blocks, Scales, Bias, Out, TileExpert, TileRow, Offsets, K_red, N_cols, W_OUT, W_IN,
+                             n_experts, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """_grouped_mm_kernel with W[e] (W_IN, W_OUT) dequantised from MXFP4 tile by tile in registers:
+    Out[r] = A[r] @ W[e] (+ Bias[e]) (K_red = W_IN, N_cols = W_OUT), or with TRANSPOSED Out[r] = A[r] @ W[e]^T
+    (the backward's dx: K_red = W_OUT, N_cols = W_IN)."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(TileExpert + pid_t)
+    if e >= n_experts:  # a spare tile: the grid is sized for the worst case, without a host sync
+        return
+    row_start = tl.load(TileRow + pid_t)
+    row_end = tl.load(Offsets + e + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < row_end
+    a_rows = A + offs_m[:, None].to(tl.int64) * K_red
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, K_red, BLOCK_K):
+        kk = k_start + offs_k
+        a = tl.load(a_rows + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K_red), other=0.0)  # (BM, BK)
+        if TRANSPOSED:  # W[e]^T[k, n] = dequantised[k, n]
+            w = _mxfp4_tile(Blocks, Scales, e, kk[:, None], offs_n[None, :], W_OUT, W_IN)  # (BK, BN)
+        else:  # W[e][k, n] = dequantised[n, k]
+            w = _mxfp4_tile(Blocks, Scales, e, offs_n[None, :], kk[:, None], W_OUT, W_IN)  # (BK, BN)
+        if DOT_F32:
+            a = a.to(tl.float32)
+        else:
+            w = w.to(a.dtype)  # exact in bf16 (FP4 times a power of two); fp16 holds 2^-24..2^15
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + e * N_cols + offs_n, mask=offs_n < N_cols, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + offs_m[:, None].to(tl.int64) * N_cols + offs_n[None, :], acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_n[None, :] < N_cols))
+
+
+def _mxfp4_grouped_mm(a, blocks, scales, bias, out, plan, transposed, dot_mode):
+    offsets, tile_expert, tile_row = plan
+    E, w_out, groups = scales.shape
+    w_in = groups * 32
+    if w_out * w_in >= 2**32:
+        raise ValueError(f"moe_experts_mxfp4: one expert's weight {w_out} x {w_in} spans 2^32 elements or more, past "
+                         "the kernel's int32 offsets inside an expert")
+    k_red, n_cols = (w_out, w_in) if transposed else (w_in, w_out)
+    precision, fma = dot_mode
+    (bm, bn, bk, warps), _ = _grouped_mm_config(fma)
+    grid = (tile_expert.numel(), triton.cdiv(n_cols, bn))
+    _mxfp4_grouped_mm_kernel[grid](a, blocks, scales, bias if bias is not None else a, out, tile_expert, tile_row,
+                                   offsets, k_red, n_cols, w_out, w_in, E, TRANSPOSED=transposed,
+                                   HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=_INTERPRET,
+                                   PRECISION=precision, num_warps=warps, num_stages=3)
+
+
+class _MXFP4GroupedLinear(torch.autograd.Function):
+    """rows sorted by expert (R, in) -> (R, out): row r of expert e gets a @ W[e] + bias[e], W[e] the dequantised
+    MXFP4 pair (blocks (E, out, in/32, 16), scales (E, out, in/32)). Backward: dx (the same kernel reading W
+    transposed) and the bias's gradient; the blocks and scales are frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, a, blocks, scales, bias, offsets, tile_expert, tile_row, row_expert):
+        a, blocks, scales = a.contiguous(), blocks.contiguous(), scales.contiguous()
+        bias = bias.contiguous() if bias is not None else None  # the kernel reads row e at e * out
+        out = torch.empty(a.shape[0], scales.shape[1], device=a.device, dtype=a.dtype)
+        ctx.dot_mode = _dot_mode(a.dtype)  # the backward uses the same
+        _mxfp4_grouped_mm(a, blocks, scales, bias, out, (offsets, tile_expert, tile_row), False, ctx.dot_mode)
+        ctx.save_for_backward(blocks, scales, offsets, tile_expert, tile_row, row_expert)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        blocks, scales, offsets, tile_expert, tile_row, row_expert = ctx.saved_tensors
+        dout = dout.contiguous()
+        da = torch.empty(dout.shape[0], scales.shape[2] * 32, device=dout.device, dtype=dout.dtype)
+        _mxfp4_grouped_mm(dout, blocks, scales, None, da, (offsets, tile_expert, tile_row), True, ctx.dot_mode)
+        dbias = None
+        if ctx.needs_input_grad[3]:  # the sum of each expert's rows, in fp32
+            dbias = torch.zeros(scales.shape[0], scales.shape[1], device=dout.device, dtype=torch.float32)
+            dbias = dbias.index_add_(0, row_expert, dout.float()).to(ctx.bias_dtype)
+        return da, None, None, dbias, None, None, None, None
+
+
+def _moe_experts_mxfp4_triton(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias,
+                              down_blocks, down_scales, down_proj_bias, limit, alpha):
+    if x.dtype != gate_up_proj_bias.dtype or x.dtype != down_proj_bias.dtype:
+        raise TypeError(f"moe_experts_mxfp4: x is {x.dtype} but the expert biases are {gate_up_proj_bias.dtype} and "
+                        f"{down_proj_bias.dtype}; cast them to one dtype")
+    return _moe_triton(
+        x, topk_idx, topk_weight, gate_up_blocks.shape[0],
+        lambda a, plan, rows: _MXFP4GroupedLinear.apply(a, gate_up_blocks, gate_up_scales, gate_up_proj_bias, *plan,
+                                                        rows),
+        lambda h, plan, rows: _MXFP4GroupedLinear.apply(h, down_blocks, down_scales, down_proj_bias, *plan, rows),
+        limit, alpha)
+
+
+def moe_experts_mxfp4(x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks,
+                      down_scales, down_proj_bias, limit=7.0, alpha=1.702, decoding=False):
+    """moe_experts with MXFP4 expert weights (see moe_experts_mxfp4_torch); Triton dequantises inside the grouped
+    GEMM (_mxfp4_grouped_mm_kernel) and ignores decoding."""
+    args = (x, topk_idx, topk_weight, gate_up_blocks, gate_up_scales, gate_up_proj_bias, down_blocks, down_scales,
+            down_proj_bias, limit, alpha)
+    if _use_triton(x):
+        return _moe_experts_mxfp4_triton(*args)
+    return moe_experts_mxfp4_torch(*args, decoding=decoding)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -304,19 +304,38 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E experts stored as transformers stores them: gate_up_proj (E, H, 2I) with gate/up interleaved, down_proj (E, I, H)."""
+    """E experts stored as transformers stores them: gate_up_proj (E, H, 2I) with gate/up interleaved, down_proj (E, I, H).
 
-    def __init__(self, config: GPTConfig):
+    mxfp4=True (MXFP4-resident): the two projections are kept as the released uint8 tensors instead, under the
+    released names, gate_up_proj_blocks (E, 2I, H/32, 16) / _scales (E, 2I, H/32) and down_proj_blocks
+    (E, H, I/32, 16) / _scales (E, H, I/32) (4.25 bits a weight), dequantised per expert inside the forward
+    (fused.moe_experts_mxfp4). They are buffers, not parameters: a frozen base that no optimizer, gradient or ZeRO-3
+    shard sees (the QLoRA pattern); the biases stay parameters."""
+
+    def __init__(self, config: GPTConfig, mxfp4=False):
         super().__init__()
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.zeros(E, H, 2 * I))
+        self.mxfp4 = mxfp4
+        if mxfp4:
+            if H % 32 or I % 32:
+                raise ValueError(f"MXFP4 experts need hidden_size ({H}) and intermediate_size ({I}) divisible by 32")
+            self.register_buffer("gate_up_proj_blocks", torch.zeros(E, 2 * I, H // 32, 16, dtype=torch.uint8))
+            self.register_buffer("gate_up_proj_scales", torch.zeros(E, 2 * I, H // 32, dtype=torch.uint8))
+            self.register_buffer("down_proj_blocks", torch.zeros(E, H, I // 32, 16, dtype=torch.uint8))
+            self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, dtype=torch.uint8))
+        # registration order = transformers' state-dict order (each weight, then its bias)
+        self.gate_up_proj = None if mxfp4 else nn.Parameter(torch.zeros(E, H, 2 * I))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
-        self.down_proj = nn.Parameter(torch.zeros(E, I, H))
+        self.down_proj = None if mxfp4 else nn.Parameter(torch.zeros(E, I, H))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
 
     def forward(self, x, top_idx, top_weight, decoding=False):
         """decoding=True: a few new tokens without autograd (fused.moe_experts_torch may then go slot by slot)."""
+        if self.mxfp4:
+            return fused.moe_experts_mxfp4(x, top_idx, top_weight, self.gate_up_proj_blocks, self.gate_up_proj_scales,
+                                           self.gate_up_proj_bias, self.down_proj_blocks, self.down_proj_scales,
+                                           self.down_proj_bias, self.limit, self.alpha, decoding=decoding)
         return fused.moe_experts(x, top_idx, top_weight, self.gate_up_proj, self.gate_up_proj_bias,
                                  self.down_proj, self.down_proj_bias, self.limit, self.alpha, decoding=decoding)
 
@@ -503,23 +522,51 @@ class GPT(nn.Module):
 
     # --- checkpoints (Hugging Face gpt-oss format) ---------------------------------------------------------
 
+    def use_mxfp4_experts(self):
+        """Swap every block's experts for MXFP4-resident ones (Experts(mxfp4=True)), built on the device of the
+        ones they replace with zero weights (from_pretrained fills them, on the meta device first). Biases are new
+        parameters too: load or copy them afterwards."""
+        for block in self.model.layers:
+            old = block.mlp.experts
+            with torch.device(old.gate_up_proj_bias.device):
+                block.mlp.experts = Experts(self.config, mxfp4=True).to(old.gate_up_proj_bias.dtype)
+        return self
+
+    @property
+    def mxfp4_resident(self):
+        return any(block.mlp.experts.mxfp4 for block in self.model.layers)
+
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", mxfp4_resident=False):
         """A Hugging Face gpt-oss directory: config.json and one or many safetensors files (with an index), experts
-        dense (bf16/fp32) or MXFP4. Tensors are streamed into preallocated parameters of `dtype` on `device`."""
+        dense (bf16/fp32) or MXFP4. Tensors are streamed into preallocated parameters of `dtype` on `device`.
+        mxfp4_resident: keep the experts as MXFP4 (Experts(mxfp4=True)): the released bytes as they are, or a dense
+        checkpoint's experts quantised (checkpoint.mxfp4_quantize); the 20B's weights then take ~13 GB."""
         config = GPTConfig.from_json(path)
         with torch.device("meta"):
             model = cls(config).to(dtype)
+            if mxfp4_resident:
+                model.use_mxfp4_experts()
         model.to_empty(device=device)  # uninitialised storage, every tensor is then filled from the checkpoint
         checkpoint.load_gpt_oss(model, path)
         return model.eval()
 
-    def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
-        """Write config.json and dense safetensors shards (with an index when there are several) that transformers'
-        GptOssForCausalLM.from_pretrained loads. dtype: None keeps the parameters' dtype."""
+    def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30, mxfp4=None):
+        """Write config.json and safetensors shards (with an index when there are several) that transformers'
+        GptOssForCausalLM.from_pretrained loads. dtype: None keeps the parameters' dtype (MXFP4 bytes are never cast).
+        mxfp4: None writes the experts as they are held (resident MXFP4 bytes as they are, dense as dense); True
+        quantises dense experts to the released MXFP4 layout (checkpoint.mxfp4_quantize) and adds the released
+        quantization_config; False dequantises resident experts to dense."""
+        mxfp4 = self.mxfp4_resident if mxfp4 is None else mxfp4
         os.makedirs(path, exist_ok=True)
-        self.config.to_json(os.path.join(path, "config.json"))
-        checkpoint.write_safetensors(self.state_dict().items(), path, max_shard_bytes, dtype)
+        config = self.config.to_dict()
+        if mxfp4:
+            config["quantization_config"] = checkpoint.mxfp4_quantization_config()
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        state = self.state_dict().items()
+        state = checkpoint.mxfp4_state(state) if mxfp4 else checkpoint.dense_state(state, self.lm_head.weight.dtype)
+        checkpoint.write_safetensors(state, path, max_shard_bytes, dtype)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -537,7 +584,7 @@ class GPT(nn.Module):
             and all(type(block.mlp.router) is Router for block in self.model.layers)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_tokens=None, inputs_embeds=None,
-                 prompt_lens=None, generator=None, cpu_fast_path=True):
+                 prompt_lens=None, generator=None, cpu_fast_path=True, on_token=None):
         """Sample max_new_tokens after the prompt with a KV cache; temperature=0.0 is greedy.
 
         idx (B, T) prompt ids; or inputs_embeds (B, T, H) for the prompt (MedGPT's image features), with idx the ids to
@@ -549,6 +596,7 @@ class GPT(nn.Module):
         (or its stop token when that is None), and generation ends when every row has finished.
         cpu_fast_path: on a CPU with the torch path, decode with fused_cpu.decode_step (False: every new token through
         the blocks' forward, the path the fast one is tested against).
+        on_token: called with each step's new tokens (B,) as they come (sample.py streams the answer with it).
         Returns (B, T + n) LongTensor, the new tokens in [:, T:], n <= max_new_tokens.
         """
         # inference mode, not just no_grad: torch skips version counters and view tracking on every op, a sizeable
@@ -556,11 +604,11 @@ class GPT(nn.Module):
         # for backward outside it, so the caller gets an ordinary copy of the ids.
         with torch.inference_mode():
             out = self._generate(idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens,
-                                 generator, cpu_fast_path)
+                                 generator, cpu_fast_path, on_token)
         return out.clone()
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, stop_tokens, inputs_embeds, prompt_lens, generator,
-                  cpu_fast_path):
+                  cpu_fast_path, on_token=None):
         """GPT.generate's loop (called in inference mode)."""
         prompt = idx if inputs_embeds is None else inputs_embeds
         B, T = prompt.shape[:2]
@@ -598,6 +646,8 @@ class GPT(nn.Module):
                 next_token = torch.where(finished, row_fill, next_token)
                 finished |= torch.isin(next_token, stops)
             out[:, T + n] = next_token
+            if on_token is not None:
+                on_token(next_token)
             n += 1
             if n == max_new_tokens or (stops is not None and bool(finished.all())):
                 break
@@ -838,52 +888,61 @@ class MedGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                 stop_tokens=None, prompt_lens=None, generator=None):
-        """Decode after prompts that may hold images (greedy by default); see GPT.generate for left padding.
-        Returns (B, T + n) LongTensor."""
+                 stop_tokens=None, prompt_lens=None, generator=None, on_token=None):
+        """Decode after prompts that may hold images (greedy by default); see GPT.generate for left padding and
+        on_token. Returns (B, T + n) LongTensor."""
         embeds = self.embed(input_ids, pixel_values)
         return self.language_model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                             stop_tokens=stop_tokens, inputs_embeds=embeds, prompt_lens=prompt_lens,
-                                            generator=generator)
+                                            generator=generator, on_token=on_token)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     @classmethod
     def from_parts(cls, lm_path, vision_path, dtype=torch.bfloat16, device="cpu", seed=0,
                    image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=None, vision_feature_select_strategy=None,
-                   projector_hidden_act="gelu"):
+                   projector_hidden_act="gelu", mxfp4_resident=False):
         """Stage-1 initialisation: a released gpt-oss directory, a released vision tower's directory (CLIP's
         CLIPModel or CLIPVisionModel, SigLIP's SiglipModel or SiglipVisionModel, an open_clip directory such as
         BiomedCLIP's, or a LLaVA directory), and a projector freshly initialised (PyTorch's default Linear init, as
-        LLaVA's) from `seed`. Feature layer and strategy: None takes the family's default (vision.*VisionConfig)."""
+        LLaVA's) from `seed`. Feature layer and strategy: None takes the family's default (vision.*VisionConfig).
+        mxfp4_resident: keep the experts as MXFP4 (see GPT.from_pretrained)."""
         config = MedGPTConfig.from_parts(lm_path, vision_path, image_token_index=image_token_index,
                                          vision_feature_layer=vision_feature_layer,
                                          vision_feature_select_strategy=vision_feature_select_strategy,
                                          projector_hidden_act=projector_hidden_act)
         with torch.device("meta"):
             model = cls(config)
-        model.language_model = GPT.from_pretrained(lm_path, dtype=dtype, device=device)
+        model.language_model = GPT.from_pretrained(lm_path, dtype=dtype, device=device, mxfp4_resident=mxfp4_resident)
         model.vision_tower = vision_lib.load_tower(vision_path, dtype=dtype, device=device)
         model.multi_modal_projector = new_projector(config, seed, dtype, device)
         return model
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", mxfp4_resident=False):
         """A transformers LLaVA directory (gpt_oss text_config; clip_vision_model, siglip_vision_model or our
         open_clip_vision vision_config), any of the checkpoint.LLAVA_LAYOUTS, experts dense or MXFP4, one or many
-        safetensors files."""
+        safetensors files. mxfp4_resident: keep the experts as MXFP4 (see GPT.from_pretrained)."""
         config = MedGPTConfig.from_json(path)
         with torch.device("meta"):
             model = cls(config).to(dtype)
+            if mxfp4_resident:
+                model.language_model.use_mxfp4_experts()
         model.to_empty(device=device)  # uninitialised storage, every tensor is then filled from the checkpoint
         checkpoint.load_llava(model, path)
         return model.eval()
 
-    def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, dtype=None, max_shard_bytes=5 * 2**30, mxfp4=None):
         """config.json + safetensors in llava-hf's layout, split into shards of at most max_shard_bytes (with a
         model.safetensors.index.json when there are several), and preprocessor_config.json.
-        dtype: None keeps the parameters' dtype."""
-        state = self.state_dict()
-        config = self.config.to_dict(dtype or next(iter(state.values())).dtype)
-        checkpoint.write_llava(state.items(), config, path, max_shard_bytes, dtype, self.config.preprocessor_dict())
+        dtype: None keeps the parameters' dtype. mxfp4: the experts' format, as in GPT.save_pretrained (MXFP4 adds
+        the released quantization_config, its module names under language_model.)."""
+        lm = self.language_model
+        mxfp4 = lm.mxfp4_resident if mxfp4 is None else mxfp4
+        state = self.state_dict().items()
+        state = checkpoint.mxfp4_state(state) if mxfp4 else checkpoint.dense_state(state, lm.lm_head.weight.dtype)
+        config = self.config.to_dict(dtype or lm.lm_head.weight.dtype)
+        if mxfp4:
+            config["quantization_config"] = checkpoint.mxfp4_quantization_config("language_model.")
+        checkpoint.write_llava(state, config, path, max_shard_bytes, dtype, self.config.preprocessor_dict())
 

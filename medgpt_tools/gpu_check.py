@@ -9,7 +9,7 @@ Run from the repository root:
 Sections, in order: environment; model_equality (the whole GPT, Triton path vs torch path, fp32 with IEEE dots
 and bf16: loss, logits, every parameter gradient); kernels_fp32_ieee (each kernel alone, the same way: says which
 kernel is wrong if the model is); the GPT-oss-20B-width training step (MFU); per-kernel bf16 checks and timings;
-attention at 131072 tokens; fused CE memory; torch._grouped_mm; torch.compile timings last.
+attention at 131072 tokens; fused CE memory; MXFP4-resident experts; torch._grouped_mm; torch.compile timings last.
 
 Design choices
 - Needs only torch, triton and numpy (no transformers, no pillow: if PIL is missing, vision.py's import of it is
@@ -92,12 +92,13 @@ import model as model_lib  # noqa: E402
 # shapes: GPT-oss-20B widths on a GPU, tiny ones for --dry
 SHAPES_DRY = dict(rms=(37, 48), rope=(1, 19, 4, 16), swiglu=(29, 40), attn_check=(1, 37, 4, 2, 16),
                   attn_time=[(1, 37, 4, 2, 16)], ce_check=(23, 16, 301), ce_time=(23, 16, 301),
-                  ce_memory=(64, 16, 3001), moe_check=(13, 16, 8, 4, 2), moe_time=(13, 16, 8, 4, 2), window=5,
-                  reps=1, warmup=0)
+                  ce_memory=(64, 16, 3001), moe_check=(13, 16, 8, 4, 2), moe_time=(13, 16, 8, 4, 2),
+                  mxfp4_check=(13, 64, 32, 4, 2), mxfp4_time=(13, 64, 32, 4, 2), window=5, reps=1, warmup=0)
 SHAPES_GPU = dict(rms=(16384, 2880), rope=(1, 8192, 64, 64), swiglu=(16384, 5760), attn_check=(1, 1024, 64, 8, 64),
                   attn_time=[(1, 4096, 64, 8, 64), (1, 16384, 64, 8, 64)], ce_check=(1024, 2880, 201088),
                   ce_time=(8192, 2880, 201088), ce_memory=(8192, 2880, 201088),
-                  moe_check=(1024, 2880, 2880, 32, 4), moe_time=(8192, 2880, 2880, 32, 4), window=128, reps=10,
+                  moe_check=(1024, 2880, 2880, 32, 4), moe_time=(8192, 2880, 2880, 32, 4),
+                  mxfp4_check=(1024, 2880, 2880, 32, 4), mxfp4_time=(8192, 2880, 2880, 32, 4), window=128, reps=10,
                   warmup=2)
 
 # the run's globals, set by configure()
@@ -144,6 +145,7 @@ SECTIONS = []  # (name, fn) in the order they are defined; main() runs them in t
 # kernels, so every later section still gets its turn. torch_compile takes whatever is left.
 SECTION_SHARE = {"model_equality": 0.35, "kernels_fp32_ieee": 0.15, "train_step": 0.15, "attention": 0.12,
                  "attention_long_context": 0.3, "linear_cross_entropy": 0.1, "moe_experts": 0.1,
+                 "moe_experts_mxfp4": 0.1,
                  "torch_compile": 1.0}
 CURRENT = None  # the name of the section running now
 
@@ -871,6 +873,41 @@ def check_moe():
     return out
 
 
+def mxfp4_inputs(N, H, I, E, K):
+    """moe_inputs with the expert weights as random MXFP4 pairs in the released layout (scales 2^-9..2^-6: weights
+    of about 1/sqrt(H) at GPT-oss widths)."""
+    x, top_idx, top_w, params = moe_inputs(N, H, I, E, K)
+    g = torch.Generator(DEVICE).manual_seed(0)
+
+    def pair(n_out, n_in):  # (E, out, in/32, 16) and (E, out, in/32) uint8
+        return (torch.randint(0, 256, (E, n_out, n_in // 32, 16), generator=g, device=DEVICE, dtype=torch.uint8),
+                torch.randint(118, 122, (E, n_out, n_in // 32), generator=g, device=DEVICE, dtype=torch.uint8))
+    return x, top_idx, top_w, [*pair(2 * I, H), params[1], *pair(H, I), params[3]]
+
+
+@section("moe_experts_mxfp4")
+def check_moe_mxfp4():
+    """MXFP4-resident experts: the Triton kernel (dequantising in registers) against moe_experts_mxfp4_torch
+    (forward, dx, bias gradients); timed against the dense Triton grouped GEMM on the same (dequantised) weights."""
+    x, top_idx, top_w, params = mxfp4_inputs(*S["mxfp4_check"])
+    out = {"check": compare(lambda x, w, *p: fused.moe_experts_mxfp4(x, top_idx, w, *p),
+                            lambda x, w, *p: fused.moe_experts_mxfp4_torch(x, top_idx, w, *p), [x, top_w, *params],
+                            TOL)}
+    log("moe mxfp4 check", out["check"])
+    N, H, I, E, K = S["mxfp4_time"]
+    x, top_idx, top_w, params = mxfp4_inputs(N, H, I, E, K)
+    gu_blocks, gu_scales, gu_bias, dn_blocks, dn_scales, dn_bias = params
+    dense = [torch.stack([fused.mxfp4_expert_weight(b, s, DTYPE) for b, s in zip(gu_blocks, gu_scales)]), gu_bias,
+             torch.stack([fused.mxfp4_expert_weight(b, s, DTYPE) for b, s in zip(dn_blocks, dn_scales)]), dn_bias]
+    flops = 2 * 2 * N * K * (H * 2 * I + I * H)  # forward and dx (frozen weights: no dW)
+    out["time"] = timings("moe_experts_mxfp4", {
+        "triton": lambda x, w, *p: fused.moe_experts_mxfp4(x, top_idx, w, *p),
+        "eager": lambda x, w, *p: fused.moe_experts_mxfp4_torch(x, top_idx, w, *p),
+        "triton_dense_weights": lambda x, w, *p: fused.moe_experts(x, top_idx, w, dense[0], p[2], dense[2], p[5])},
+        [x, top_w, *params], flops=flops)
+    return out
+
+
 @section("grouped_mm_vs_torch_grouped_mm")
 def check_grouped_mm():
     """Our Triton grouped GEMM against torch._grouped_mm (forward, the first expert projection)."""
@@ -936,7 +973,7 @@ def verdicts():
               for key, value in results.items() if isinstance(value, dict) and "pass" in value}
     speedups = {name: get(name, "time", label, "speedup_vs_eager") for name, label in
                 [("rms_norm", "triton"), ("rope", "triton"), ("swiglu", "triton"), ("moe_experts", "triton"),
-                 ("linear_cross_entropy", "triton_chunked")]}
+                 ("moe_experts_mxfp4", "triton"), ("linear_cross_entropy", "triton_chunked")]}
     attn_key = f"time_causal_T{S['attn_time'][0][1]}"
     speedups["attention"] = get("attention", attn_key, "triton_sinks", "speedup_vs_eager")
     sdpa = [get("attention", f"time_causal_T{shape[1]}", "triton_sinks_vs_sdpa_flash") for shape in S["attn_time"]]

@@ -89,6 +89,13 @@ def compile_dot_kernels(dt, precision, variants):
                         "n_experts": "i32"},
                        {"HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_F32": False,
                         "PRECISION": precision}, num_warps=mm_warps, num_stages=3)
+    for transposed in (False, True):  # MXFP4 experts: the forward (with bias) and its dx (W transposed)
+        compile_kernel(f"mxfp4_grouped_mm_T{int(transposed)}{suffix}", K._mxfp4_grouped_mm_kernel,
+                       {"A": dt, "Blocks": "*u8", "Scales": "*u8", "Bias": dt, "Out": dt, "TileExpert": i32,
+                        "TileRow": i32, "Offsets": i32, "K_red": "i32", "N_cols": "i32", "W_OUT": "i32",
+                        "W_IN": "i32", "n_experts": "i32"},
+                       {"TRANSPOSED": transposed, "HAS_BIAS": not transposed, "BLOCK_M": bm, "BLOCK_N": bn,
+                        "BLOCK_K": bk, "DOT_F32": False, "PRECISION": precision}, num_warps=mm_warps, num_stages=3)
     compile_kernel(f"grouped_mm_dw{suffix}", K._grouped_mm_dw_kernel,
                    {"A": dt, "DOut": dt, "Offsets": i32, "DW": dt, "DBias": dt, "K_in": "i32", "N_out": "i32"},
                    {"HAS_BIAS": True, "BLOCK_M": dw_m, "BLOCK_N": dw_n, "BLOCK_K": dw_k, "DOT_F32": False,
@@ -127,7 +134,7 @@ def compile_all(arch):
 def test_every_kernel_compiles_for_gpu(arch):
     pytest.importorskip("triton")
     results = compile_all(arch)
-    assert len(results) == 23 + 2 * 9
+    assert len(results) == (23 + 2) + 2 * (9 + 2)  # bf16 kernels, then fp32 with each precision (+2: MXFP4)
     failed = {name: r for name, r in results.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)
     # shared memory is checked only at launch (OutOfResources), so a tile too big for the GPU compiles fine here

@@ -197,6 +197,7 @@ def test_gpu_check_dry_run(tmp_path):
             "kernels_fp32_ieee.attention_packed_sliding"} <= checks.keys()
     assert summary["sections"]["model_equality"]["fp32_ieee"]["routing_differences"] == [0, 0]
     speedups = summary["verdicts"]["speedup_vs_eager"]
-    assert set(speedups) == {"rms_norm", "rope", "swiglu", "moe_experts", "linear_cross_entropy", "attention"}
+    assert set(speedups) == {"rms_norm", "rope", "swiglu", "moe_experts", "moe_experts_mxfp4", "linear_cross_entropy",
+                             "attention"}
     assert all(isinstance(v, float) for v in speedups.values()), speedups
     assert "PIL is not installed: stubbed" in out.stdout
