@@ -91,8 +91,10 @@ def build_model(cfg: Stage1Config) -> tuple:
     if not cfg.lm_path or not cfg.vision_path:
         raise SystemExit("stage 1 with --init_from=parts needs --lm_path=<gpt-oss dir> and --vision_path=<vision "
                          "tower dir: CLIP, SigLIP or open_clip> (or --preset=tiny to try it on a CPU)")
-    if cfg.sharding == "fsdp2" or not cfg.sharded_init:
-        return MedGPT.from_parts(cfg.lm_path, cfg.vision_path, dtype=torch.float32, seed=cfg.seed), None
+    # the whole model on every rank: fsdp2, --sharded_init=false, or MXFP4-resident experts (frozen buffers)
+    if cfg.sharding == "fsdp2" or not cfg.sharded_init or cfg.mxfp4_resident:
+        return MedGPT.from_parts(cfg.lm_path, cfg.vision_path, dtype=torch.float32, seed=cfg.seed,
+                                 mxfp4_resident=cfg.mxfp4_resident), None
     return training.parts_on_meta(cfg.lm_path, cfg.vision_path, cfg.seed)
 
 

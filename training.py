@@ -31,6 +31,7 @@ Design choices
 import argparse
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
@@ -478,12 +479,15 @@ def start_from_llava(cfg) -> tuple:
     """(model, load) for build_engine from a LLaVA directory (--init_from, the previous stage's final/). With ZeRO3
     and --sharded_init (the default) the model is built on the meta device and `load(name, start, end)` reads a
     flat range of a parameter from the checkpoint, so no rank ever holds the whole model. --sharding=fsdp2 and
-    --sharded_init=false load the whole model in fp32 on every rank (about 84 GB for the 20B) and return None."""
+    --sharded_init=false load the whole model in fp32 on every rank (about 84 GB for the 20B) and return None.
+    --mxfp4_resident loads whole too: the experts stay frozen MXFP4 buffers (~13 GB for the 20B) that every rank
+    holds, and the rest (1.8B parameters) is sharded by ZeRO3 as usual."""
     if not cfg.init_from or not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise SystemExit(f"--init_from={cfg.init_from!r}: this stage starts from a LLaVA directory (config.json + "
                          f"safetensors), e.g. the previous stage's <out_dir>/final")
-    if cfg.sharding == "fsdp2" or not cfg.sharded_init:
-        return MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32), None  # fp32: ZeRO3 casts to cfg.dtype
+    if cfg.sharding == "fsdp2" or not cfg.sharded_init or cfg.mxfp4_resident:
+        # fp32: ZeRO3 casts to cfg.dtype
+        return MedGPT.from_pretrained(cfg.init_from, dtype=torch.float32, mxfp4_resident=cfg.mxfp4_resident), None
     return llava_on_meta(cfg.init_from)
 
 
@@ -582,7 +586,12 @@ def save_final(engine, model, cfg: TrainConfig, run: Run, tokenizer=None) -> str
     adapter = {}  # a LoRA run: lora.merged_params fills it with the adapter's tensors on the way
     if lora_run:
         params = lora.merged_params(params, model, adapter)
-    checkpoint.write_llava(params, model.config.to_dict(run.dtype), path, dtype=run.dtype,
+    config = model.config.to_dict(run.dtype)
+    # MXFP4-resident experts are frozen buffers that every rank holds whole: written back as released
+    resident = [(n, b) for n, b in model.named_buffers() if n.endswith(("_blocks", "_scales"))]
+    if resident:
+        config["quantization_config"] = checkpoint.mxfp4_quantization_config("language_model.")
+    checkpoint.write_llava(itertools.chain(params, resident), config, path, dtype=run.dtype,
                            preprocessor=model.config.preprocessor_dict())
     if adapter:
         base = cfg.init_from if os.path.isdir(cfg.init_from) else None  # stage 1 from parts: no single base dir

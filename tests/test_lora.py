@@ -294,6 +294,28 @@ def test_stage3_lora_run_writes_merged_model_and_adapter(data_dir, stage1_model,
     assert rel_err(got, want) < 1e-5, rel_err(got, want)
 
 
+@pytest.mark.slow
+def test_stage3_lora_over_mxfp4_resident_experts(data_dir, stage1_model, tmp_path):
+    """The QLoRA pattern through the stage-3 script: --mxfp4_resident keeps the experts as frozen MXFP4 buffers
+    (the dense start is quantised once, by checkpoint.mxfp4_quantize), LoRA trains on top; final/ holds the experts
+    in the released MXFP4 layout, exactly the quantised start, and MedGPT.from_pretrained reads it back."""
+    out = str(tmp_path / "q")
+    run_script("train_stage3.py", f"--data={data_dir}/conversations.jsonl", f"--init_from={stage1_model}",
+               f"--out_dir={out}", "--max_steps=2", "--global_batch=4", "--micro_batch=2", "--lr=1e-2",
+               "--seq_len=256", "--lora_rank=4", "--mxfp4_resident")
+    quantised = M.MedGPT.from_pretrained(stage1_model, dtype=torch.float32, mxfp4_resident=True)
+    want = {n: b for n, b in quantised.named_buffers() if n.endswith(("_blocks", "_scales"))}
+    final = final_weights(out)
+    blocks = "language_model.model.layers.0.mlp.experts.gate_up_proj_blocks"
+    assert want and blocks in final and final[blocks].dtype == torch.uint8
+    assert all(torch.equal(final[n], b) for n, b in want.items())  # frozen: the quantised start, as written
+    assert not any(n.endswith("experts.gate_up_proj") for n in final)  # no dense copy beside them
+    reloaded = M.MedGPT.from_pretrained(f"{out}/final", dtype=torch.float32, mxfp4_resident=True)
+    assert reloaded.language_model.mxfp4_resident
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(reloaded.state_dict()[q], quantised.state_dict()[q])  # the adapter was merged in
+
+
 def test_dry_run_of_lora_on_one_gpu():
     """The 20B with LoRA on one GPU at 8192 tokens (preset lora-80gb): only the adapters train, ZeRO-3 keeps
     optimizer state for them alone, it fits 80 GB with dense experts and 24 GB with MXFP4-resident experts; serving
