@@ -78,6 +78,8 @@ def stub_pil_if_missing():
     except ImportError:
         pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
         image.Image = type("Image", (), {})  # vision.py's annotations name PIL.Image.Image
+        # vision.py's defaults name Pillow's resampling filters: their values (Image.Resampling)
+        image.NEAREST, image.LANCZOS, image.BILINEAR, image.BICUBIC, image.BOX, image.HAMMING = 0, 1, 2, 3, 4, 5
         pil.Image = image
         sys.modules.update({"PIL": pil, "PIL.Image": image})
         return True
