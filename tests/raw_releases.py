@@ -239,23 +239,18 @@ def make_medbullets(root):
     return make_copy(root, "medbullets", "ChallengeClinicalQA")
 
 
-def make_mimic_cxr(root):
-    """MIMIC-CXR-JPG with the reports beside the images (tests/report_fixtures.py writes the release layout)."""
-    src = os.path.join(root, "mimic-cxr-jpg")
-    report_fixtures.write_mimic_cxr(src)
-    return src
+def make_report_release(folder, write):
+    """A chest X-ray report release under RAW/<folder>, in the layout tests/report_fixtures.py writes."""
+    def make(root):
+        src = os.path.join(root, folder)
+        write(src)
+        return src
+    return make
 
 
-def make_iu_xray(root):
-    src = os.path.join(root, "iu-xray")
-    report_fixtures.write_iu_xray(src)
-    return src
-
-
-def make_chexpert_plus(root):
-    src = os.path.join(root, "chexpert-plus")
-    report_fixtures.write_chexpert_plus(src)
-    return src
+make_mimic_cxr = make_report_release("mimic-cxr-jpg", report_fixtures.write_mimic_cxr)  # reports beside images
+make_iu_xray = make_report_release("iu-xray", report_fixtures.write_iu_xray)
+make_chexpert_plus = make_report_release("chexpert-plus", report_fixtures.write_chexpert_plus)
 
 
 def make_llava_med(root):

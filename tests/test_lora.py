@@ -14,7 +14,7 @@ import checkpoint
 import lora
 import model as M
 from test_medgpt import LAYOUT, batch, reference_model
-from test_model import load_hf, tokens, write_hf_checkpoint
+from test_model import load_hf, rel_err, tokens, write_hf_checkpoint
 from test_train_stages import data_dir, final_weights, run_script, stage1_model  # noqa: F401  (fixtures)
 
 transformers = pytest.importorskip("transformers")
@@ -28,10 +28,6 @@ def weights_in(path):
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         weights.update(load_file(f))
     return weights
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
