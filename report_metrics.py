@@ -13,7 +13,8 @@ Design choices
 - s_emb: cosine of CheXbert's [CLS] embeddings (bert-base-uncased with CheXbert's weights, chexbert.pth read
   with torch.load(weights_only=True)), tokenised as CheXbert does (whitespace collapsed, 512 tokens).
 - RadGraph: the radgraph package's annotator, model "radgraph" (the one RadCliQ used), from a local
-  directory. Reported: `radgraph_f1` = the package's `partial` reward (RG_ER: entities matched by text and
+  directory. The package's vendored AllenNLP calls two tokenizer methods transformers 5 removed (`encode_plus`,
+  `build_inputs_with_special_tokens`); they are put back, as transformers 4 defined them, while it runs. Reported: `radgraph_f1` = the package's `partial` reward (RG_ER: entities matched by text and
   label, and whether they have a relation), the level report-generation tables call RadGraph-F1; and
   `radgraph_combined` = mean of entity F1 and relation F1 as CXR-Report-Metric computes them, RadCliQ's input.
 - RadCliQ-v1 (Yu et al., Patterns 2023; rajpurkarlab/CXR-Report-Metric): per report x = [radgraph_combined,
@@ -22,6 +23,7 @@ Design choices
   tokens (lower case, '.' split off, split on spaces), uniform weights over 1- and 2-grams, no smoothing.
   Computed only when all four parts are.
 """
+import contextlib
 import importlib.util
 import math
 import os
@@ -250,12 +252,46 @@ def semb(hypotheses, references, path):
     return [float(v) for v in (hyp * ref).sum(1) / (np.linalg.norm(hyp, axis=1) * np.linalg.norm(ref, axis=1))]
 
 
+def _encode_plus(tokenizer, text, text_pair=None, add_special_tokens=True, **kwargs):
+    """transformers 4's encode_plus for one example: a string (or pair) is tokenised as __call__ does; a list of
+    strings is a list of wordpieces, looked up as they are, with the special tokens around them."""
+    if isinstance(text, str):
+        return tokenizer(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)
+    ids = tokenizer.convert_tokens_to_ids(list(text))
+    return {"input_ids": _bert_special_tokens(tokenizer, ids) if add_special_tokens else ids}
+
+
+def _bert_special_tokens(tokenizer, ids, pair_ids=None):
+    """transformers 4's build_inputs_with_special_tokens of the BERT family (every RadGraph and CheXbert
+    tokenizer): [CLS] A [SEP], or [CLS] A [SEP] B [SEP]."""
+    out = [tokenizer.cls_token_id] + list(ids) + [tokenizer.sep_token_id]
+    return out if pair_ids is None else out + list(pair_ids) + [tokenizer.sep_token_id]
+
+
+@contextlib.contextmanager
+def transformers4_tokenizer_api():
+    """While inside, tokenizers have transformers 4's `encode_plus` and `build_inputs_with_special_tokens` again
+    (radgraph's AllenNLP code calls both); nothing is changed where they still exist."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    added = []
+    for name, method in [("encode_plus", _encode_plus), ("build_inputs_with_special_tokens", _bert_special_tokens)]:
+        if not hasattr(PreTrainedTokenizerBase, name):
+            setattr(PreTrainedTokenizerBase, name, method)
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            delattr(PreTrainedTokenizerBase, name)
+
+
 def radgraph_scores(hypotheses, references, path):
     """{'radgraph_f1': partial reward per report, 'radgraph_combined': RadCliQ's feature per report}."""
     from radgraph import RadGraph
     from radgraph.rewards import compute_reward
-    annotator = RadGraph(model_type="radgraph", model_cache_dir=path, cuda=-1)
-    annotations = annotator(list(hypotheses) + list(references))   # {"0": {...}, ...}
+    with transformers4_tokenizer_api():
+        annotator = RadGraph(model_type="radgraph", model_cache_dir=path, cuda=-1)
+        annotations = annotator(list(hypotheses) + list(references))   # {"0": {...}, ...}
     n = len(hypotheses)
     partial, combined = [], []
     for i in range(n):

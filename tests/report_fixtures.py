@@ -18,12 +18,15 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import report_metrics
 
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
@@ -131,6 +134,93 @@ MIMIC_SUBJECTS = {
     "10002013": ("train", [("59016811", "21600101", "120000.0", ["PA", "LATERAL"], "findings+impression")]),
     "10002428": ("validate", [("56979425", "21560302", "91500.0", ["AP"], "findings+impression")]),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report metrics' models: random, tiny, of the released architectures, saved where report_metrics.py reads them
+
+
+def report_words(reports):
+    """Lower-case words and punctuation of `reports`: a tiny model's whole vocabulary."""
+    return sorted({w for r in reports for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", r.lower())})
+
+
+def tiny_bert(path, words, hidden=32, layers=2):
+    """A randomly initialised BERT (bert-base-uncased's architecture, tiny sizes) with an uncased WordPiece
+    vocabulary of `words`, saved as a local model directory; returns (BertModel, BertConfig)."""
+    import torch
+    import transformers
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
+    os.makedirs(path, exist_ok=True)
+    Path(path, "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizer(str(Path(path, "vocab.txt")), do_lower_case=True).save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=512)
+    config.save_pretrained(path)
+    return transformers.BertModel(config), config
+
+
+# The radgraph package's model directory as its radgraph.tar.gz unpacks: config.json (DyGIE++'s
+# training_config/template.libsonnet, as AllenNLP writes it out), vocabulary/ (AllenNLP's files) and weights.th
+# (the model's state dict). Labels: RadGraph's schema (4 entity types; 3 relations).
+RADGRAPH_ENTITY_LABELS = ["ANAT-DP", "OBS-DP", "OBS-U", "OBS-NA"]
+RADGRAPH_RELATION_LABELS = ["modify", "located_at", "suggestive_of"]
+
+
+def radgraph_config(bert_dir):
+    bert = {"type": "pretrained_transformer_mismatched", "model_name": str(bert_dir), "max_length": 512}
+    return {
+        "dataset_reader": {"type": "dygie", "token_indexers": {"bert": bert}, "max_span_width": 8},
+        "model": {
+            "type": "dygie", "embedder": {"token_embedders": {"bert": bert}},
+            "initializer": {"regexes": [["_span_width_embedding.weight", {"type": "xavier_normal"}]]},
+            "module_initializer": {"regexes": [[".*weight", {"type": "xavier_normal"}],
+                                               [".*weight_matrix", {"type": "xavier_normal"}]]},
+            "loss_weights": {"ner": 0.2, "relation": 1.0, "coref": 0.0, "events": 0.0},
+            "feature_size": 20, "max_span_width": 8, "target_task": "relation",
+            "feedforward_params": {"num_layers": 2, "hidden_dims": 150, "dropout": 0.4},
+            "modules": {"coref": {"spans_per_word": 0.3, "max_antecedents": 100, "coref_prop": 0}, "ner": {},
+                        "relation": {"spans_per_word": 0.5},
+                        "events": {"trigger_spans_per_word": 0.3, "argument_spans_per_word": 0.8,
+                                   "loss_weights": {"trigger": 0.2, "arguments": 1.0}}},
+        },
+    }
+
+
+def write_radgraph_model(root, reports):
+    """`root/radgraph/` (what MEDGPT_RADGRAPH_MODEL=root points the radgraph package at) holding a random DyGIE
+    model over a tiny BERT (`root/radgraph-bert/`). The NER scorer is scaled and shifted so that about one span
+    in four words is an entity, and relation scores raised so that some entity pairs are related: a random model
+    otherwise labels every span or none, and RadGraph-F1 would be 0 or meaningless."""
+    import torch
+    from radgraph.allennlp.data import Vocabulary
+    from radgraph.allennlp.modules import text_field_embedders, token_embedders
+    from radgraph.dygie.models import dygie
+    bert_dir, model_dir = Path(root, "radgraph-bert"), Path(root, "radgraph")
+    bert, _ = tiny_bert(bert_dir, report_words(reports))
+    bert.save_pretrained(bert_dir)
+    config = radgraph_config(bert_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = Vocabulary(non_padded_namespaces=["*labels", "*tags"])
+    vocab.add_tokens_to_namespace([""] + RADGRAPH_ENTITY_LABELS, "radgraph__ner_labels")   # "" (no entity) is 0
+    vocab.add_tokens_to_namespace(RADGRAPH_RELATION_LABELS, "radgraph__relation_labels")
+    vocab.save_to_files(str(model_dir / "vocabulary"))
+    with report_metrics.transformers4_tokenizer_api():
+        embedder = token_embedders.PretrainedTransformerMismatchedEmbedder(model_name=str(bert_dir), max_length=512)
+    kwargs = {k: v for k, v in config["model"].items()
+              if k not in ("type", "embedder", "initializer", "module_initializer")}
+    torch.manual_seed(0)
+    model = dygie.DyGIE(vocab=vocab, embedder=text_field_embedders.BasicTextFieldEmbedder({"bert": embedder}),
+                        **kwargs)
+    with torch.no_grad():
+        ner_out = model._ner._ner_scorers["radgraph__ner_labels"][1]._module
+        ner_out.weight *= 10
+        ner_out.bias -= 1.6
+        model._relation._relation_scorers["radgraph__relation_labels"].bias += 3
+    torch.save(model.state_dict(), model_dir / "weights.th")
+    return root
 
 
 def dicom_id(subject, study, n):

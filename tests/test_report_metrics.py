@@ -14,6 +14,7 @@ from rouge_score import rouge_scorer
 
 import eval as ev
 import report_metrics as rm
+from report_fixtures import report_words, tiny_bert, write_radgraph_model
 
 
 def sacrebleu_corpus(hyps, refs, order, lowercase=False):
@@ -205,48 +206,90 @@ def test_every_model_metric_says_why_it_is_not_computed(monkeypatch):
     assert out["radgraph_combined"].startswith("not computed")
 
 
-def tiny_bert_dir(path, words, hidden=32, layers=2):
-    """A randomly initialised BERT (bert-base-uncased's architecture, tiny sizes) with a WordPiece vocabulary of
-    `words`, saved as a local model directory; returns the transformers modules used."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
-    os.makedirs(path, exist_ok=True)
-    Path(path, "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizer(str(Path(path, "vocab.txt")), do_lower_case=True)
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=512)
-    return transformers, config
-
-
 def test_semb_through_the_code_path_equals_chexbert_cls_cosine(tmp_path, monkeypatch):
     """s_emb with a random CheXbert (BERT + 14 linear heads, saved the way CheXbert saves it: a DataParallel
-    state dict under 'model_state_dict') from a local directory, against CheXbert's encoder computed here."""
+    state dict under 'model_state_dict') from a local directory, against CheXbert's own labeler and tokenisation
+    as the f1chexbert package ships them (bert_labeler, tokenize: whitespace collapsed, 512 wordpieces, an
+    empty report as [CLS] [SEP]); f1chexbert calls encode_plus, which transformers 5 removed, so it runs inside
+    transformers4_tokenizer_api (tested above against the tokenizer's own special tokens)."""
+    import pandas as pd
     import torch
-    reports = radlabels_reports(6)
-    words = [w for r in reports for w in re.findall(r"[a-z]+|[^a-z\s]", r.lower())]
-    transformers, config = tiny_bert_dir(tmp_path / "chexbert", words)
-    bert = transformers.BertModel(config)
-    config.save_pretrained(tmp_path / "chexbert")
+    from f1chexbert.f1chexbert import bert_labeler, tokenize
+    from transformers import BertTokenizer
+    reports = radlabels_reports(40)
+    bert, _ = tiny_bert(tmp_path / "chexbert", report_words(reports))
+    bert.save_pretrained(tmp_path / "chexbert")   # bert_labeler(pretrain_path=...) starts from these weights
     state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
-    state.update({f"module.linear_heads.{i}.weight": torch.randn(4 if i < 13 else 2, 32) for i in range(14)})
+    for i in range(14):
+        state[f"module.linear_heads.{i}.weight"] = torch.randn(4 if i < 13 else 2, 32)
+        state[f"module.linear_heads.{i}.bias"] = torch.randn(4 if i < 13 else 2)
     torch.save({"epoch": 3, "model_state_dict": state}, tmp_path / "chexbert" / "chexbert.pth")
     monkeypatch.setenv("MEDGPT_CHEXBERT_MODEL", str(tmp_path / "chexbert"))
-    hyps, refs = reports[:3], reports[3:]
+    long_report = " ".join(reports[10:40])   # over 512 wordpieces: truncated to 511 + [SEP]
+    hyps, refs = reports[:3] + [long_report, ""], reports[3:6] + [reports[6], reports[7]]
     ours = rm.model_metrics(hyps, refs)["semb"]
-    tokenizer = transformers.BertTokenizer.from_pretrained(tmp_path / "chexbert")
-    bert.eval()
+
+    labeler = bert_labeler(pretrain_path=str(tmp_path / "chexbert"))
+    labeler.load_state_dict({k[len("module."):]: v for k, v in state.items()})
+    labeler.eval()
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "chexbert")
+    with rm.transformers4_tokenizer_api():
+        hyp_ids, ref_ids = tokenize(pd.Series(hyps), tokenizer), tokenize(pd.Series(refs), tokenizer)
+    assert len(hyp_ids[3]) == 512 and hyp_ids[4] == [tokenizer.cls_token_id, tokenizer.sep_token_id]
     with torch.no_grad():
-        def cls(text):
-            ids = [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" ".join(
-                text.split()))) + [tokenizer.sep_token_id]
-            return bert(torch.tensor([ids[:511] + [ids[-1]] if len(ids) > 512 else ids])).last_hidden_state[0, 0]
-        expected = [float(torch.nn.functional.cosine_similarity(cls(h), cls(r), dim=0)) for h, r in zip(hyps, refs)]
-    assert ours == pytest.approx(expected, abs=1e-5)
+        def cls(ids):   # CheXbert's encoder output: the last layer's [CLS] state
+            return labeler.bert(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)))[0][0, 0]
+        expected_hyp = torch.stack([cls(ids) for ids in hyp_ids])   # (N, 32)
+        expected = [float(torch.nn.functional.cosine_similarity(cls(h), cls(r), dim=0))
+                    for h, r in zip(hyp_ids, ref_ids)]
+    ours_hyp = rm.chexbert_embeddings(hyps, str(tmp_path / "chexbert"))   # (N, 32)
+    assert np.abs(ours_hyp - expected_hyp.numpy()).max() < 1e-5 * np.abs(ours_hyp).max()
+    assert ours == pytest.approx(expected, abs=1e-6)
     monkeypatch.setenv("MEDGPT_CHEXBERT_MODEL", str(tmp_path / "nowhere"))
     assert "does not exist" in rm.model_metrics(hyps, refs)["semb"]
+
+
+def test_transformers4_tokenizer_api_equals_the_tokenizers_own_special_tokens(tmp_path):
+    """The two methods radgraph needs, against transformers 5's own post-processing of the same text."""
+    from transformers import BertTokenizer
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    tiny_bert(tmp_path / "bert", report_words(["no left pleural effusion", "heart size is normal"]))
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "bert")
+    a, b = "No left pleural effusion.", "Heart size is normal."
+    with rm.transformers4_tokenizer_api():
+        assert tokenizer.encode_plus(a, b, return_token_type_ids=True)["input_ids"] == tokenizer(a, b)["input_ids"]
+        ids_a = tokenizer(a, add_special_tokens=False)["input_ids"]
+        ids_b = tokenizer(b, add_special_tokens=False)["input_ids"]
+        assert tokenizer.build_inputs_with_special_tokens(ids_a) == tokenizer(a)["input_ids"]
+        assert tokenizer.build_inputs_with_special_tokens(ids_a, ids_b) == tokenizer(a, b)["input_ids"]
+        pieces = tokenizer.tokenize(a)   # transformers 4: a list of strings is a list of wordpieces
+        assert tokenizer.encode_plus(pieces)["input_ids"] == tokenizer(a)["input_ids"]
+    assert not hasattr(PreTrainedTokenizerBase, "encode_plus")   # removed again on the way out
+
+
+def test_radgraph_through_the_code_path_equals_f1radgraph(tmp_path, monkeypatch):
+    """RadGraph-F1 with the radgraph package's annotator on a random DyGIE model saved in the package's layout
+    (tests/report_fixtures.py): our per-report partial reward equals the package's F1RadGraph, empty reports
+    included, and RadCliQ's entity/relation feature is computed from the same annotations."""
+    pytest.importorskip("radgraph")
+    from radgraph import F1RadGraph, RadGraph
+    reports = radlabels_reports(8)
+    write_radgraph_model(tmp_path, reports)
+    monkeypatch.setenv("MEDGPT_RADGRAPH_MODEL", str(tmp_path))
+    hyps, refs = reports[:4] + [""], reports[4:] + ["No pneumothorax."]
+    ours = rm.model_metrics(hyps, refs)
+    with rm.transformers4_tokenizer_api():
+        _, rewards, hyp_annotations, ref_annotations = F1RadGraph(
+            reward_level="partial", model_type="radgraph", model_cache_dir=str(tmp_path), cuda=-1)(refs=refs, hyps=hyps)
+        annotations = RadGraph(model_type="radgraph", model_cache_dir=str(tmp_path), cuda=-1)(hyps[:4] + refs[:4])
+    assert ours["radgraph_f1"] == pytest.approx(rewards, abs=1e-12)
+    assert ours["radgraph_combined"][:4] == pytest.approx(
+        [rm.radgraph_combined(hyp_annotations[i], ref_annotations[i]) for i in range(4)], abs=1e-12)
+    assert ours["radgraph_f1"][4] == ours["radgraph_combined"][4] == 0.0
+    entities = [len(a["entities"]) for a in annotations.values()]
+    relations = sum(len(e["relations"]) for a in annotations.values() for e in a["entities"].values())
+    assert min(entities) > 0 and relations > 0, (entities, relations)   # the random model does find structure
+    assert all(0 < v < 1 for v in ours["radgraph_f1"][:4]), ours["radgraph_f1"]
 
 
 def test_bertscore_through_the_code_path(tmp_path, monkeypatch):
