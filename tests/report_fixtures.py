@@ -161,6 +161,42 @@ def tiny_bert(path, words, hidden=32, layers=2):
     return transformers.BertModel(config), config
 
 
+def write_chexbert_model(path, reports):
+    """A random CheXbert in its release form: `chexbert.pth` = {'epoch', 'model_state_dict'} of the DataParallel-
+    wrapped labeler (module.bert.* + 14 linear heads), beside bert-base-uncased's config, vocab (tiny) and the
+    BERT weights; returns the state dict."""
+    import torch
+    bert, _ = tiny_bert(path, report_words(reports))
+    bert.save_pretrained(path)   # f1chexbert's bert_labeler(pretrain_path=...) starts from these weights
+    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
+    for i in range(14):   # 13 findings x (blank, positive, negative, uncertain) + No Finding x 2
+        state[f"module.linear_heads.{i}.weight"] = torch.randn(4 if i < 13 else 2, bert.config.hidden_size)
+        state[f"module.linear_heads.{i}.bias"] = torch.randn(4 if i < 13 else 2)
+    torch.save({"epoch": 3, "model_state_dict": state}, Path(path, "chexbert.pth"))
+    return state
+
+
+def write_bertscore_model(path, reports):
+    """A random distilroberta-base (6 layers, tiny width) with a byte-level BPE trained on `reports`, saved as a
+    local model directory the way distilroberta-base ships (config, weights, vocab.json, merges.txt)."""
+    import torch
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+    os.makedirs(path, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(reports, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(path))
+    tokenizer = transformers.RobertaTokenizer(str(Path(path, "vocab.json")), str(Path(path, "merges.txt")),
+                                              model_max_length=512)   # as distilroberta-base's tokenizer
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=6,
+                                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=514,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    transformers.RobertaModel(config).save_pretrained(path)
+    return path
+
+
 # The radgraph package's model directory as its radgraph.tar.gz unpacks: config.json (DyGIE++'s
 # training_config/template.libsonnet, as AllenNLP writes it out), vocabulary/ (AllenNLP's files) and weights.th
 # (the model's state dict). Labels: RadGraph's schema (4 entity types; 3 relations).

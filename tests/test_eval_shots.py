@@ -144,3 +144,39 @@ def test_run_with_shots_and_prior(release, medgpt_dir, tmp_path):
     again = [json.loads(line) for line in (tmp_path / "b" / "items.jsonl").read_text().splitlines()]
     assert [r["shot_ids"] for r in again] == [r["shot_ids"] for r in records]
     assert [r["prediction"] for r in again] == [r["prediction"] for r in records]
+
+
+def test_run_computes_every_report_metric_with_local_models(release, medgpt_dir, tmp_path):
+    """--shots 0,1 on the MIMIC fixture with each metric's model given by its flag (random models of the released
+    architectures, tests/report_fixtures.py): every RadCliQ-v1 part is a number, so RadCliQ-v1 is too, and it is
+    the published composite of the per-report parts; the tables show each value."""
+    root, _ = release
+    refs = [json.loads(line)["answer"] for b in ("mimic_cxr_findings", "mimic_cxr_impression")
+            for line in (root / "eval" / b / "test.jsonl").open()]
+    models = tmp_path / "metric_models"
+    F.write_chexbert_model(models / "chexbert", refs)
+    F.write_bertscore_model(models / "distilroberta", refs)
+    F.write_radgraph_model(models / "radgraph", refs)
+    pool = root / "train" / "mimic_cxr_instruct" / "train.jsonl"
+    results = ev.main(["--model", str(medgpt_dir), "--bench", "mimic_cxr_findings,mimic_cxr_impression",
+                       "--data_dir", str(root / "eval"), "--dtype", "float32", "--max_new_tokens", "6", "--prior",
+                       "--shots", "0,1", "--shot_pool", str(pool), "--out_dir", str(tmp_path / "out"),
+                       "--semb_model", str(models / "chexbert"), "--bertscore_model", str(models / "distilroberta"),
+                       "--radgraph_model", str(models / "radgraph")])
+    records = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    paths = {"semb": str(models / "chexbert"), "bertscore": str(models / "distilroberta"),
+             "radgraph": str(models / "radgraph")}
+    for key, entry in results.items():
+        report = entry["report"]
+        for name in ("bleu4", "rouge_l", "bertscore", "semb", "radgraph_f1", "radgraph_combined", "radcliq_v1"):
+            assert isinstance(report[name], float), (key, name, report[name])
+        assert report["ratescore"].startswith("not computed: ")
+        group = [r for r in records if r["benchmark"] == entry["benchmark"] and r["shots"] == entry["shots"]]
+        hyps, answers = [r["prediction"] for r in group], [r["answer"] for r in group]
+        parts = ev.report_metrics.model_metrics(hyps, answers, paths)
+        parts["bleu2"] = [ev.report_metrics.radcliq_bleu2(h, a) for h, a in zip(hyps, answers)]
+        features = [[parts[name][i] for name in ev.report_metrics.RADCLIQ_V1_FEATURES] for i in range(len(group))]
+        assert report["radcliq_v1"] == pytest.approx(float(ev.report_metrics.radcliq_v1(features).mean()))
+        assert report["inv_radcliq_v1"] == pytest.approx(1 / report["radcliq_v1"])
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "RadCliQ-v1" in table and "0.803" in table

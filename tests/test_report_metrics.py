@@ -14,7 +14,7 @@ from rouge_score import rouge_scorer
 
 import eval as ev
 import report_metrics as rm
-from report_fixtures import report_words, tiny_bert, write_radgraph_model
+from report_fixtures import report_words, tiny_bert, write_bertscore_model, write_chexbert_model, write_radgraph_model
 
 
 def sacrebleu_corpus(hyps, refs, order, lowercase=False):
@@ -217,13 +217,7 @@ def test_semb_through_the_code_path_equals_chexbert_cls_cosine(tmp_path, monkeyp
     from f1chexbert.f1chexbert import bert_labeler, tokenize
     from transformers import BertTokenizer
     reports = radlabels_reports(40)
-    bert, _ = tiny_bert(tmp_path / "chexbert", report_words(reports))
-    bert.save_pretrained(tmp_path / "chexbert")   # bert_labeler(pretrain_path=...) starts from these weights
-    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
-    for i in range(14):
-        state[f"module.linear_heads.{i}.weight"] = torch.randn(4 if i < 13 else 2, 32)
-        state[f"module.linear_heads.{i}.bias"] = torch.randn(4 if i < 13 else 2)
-    torch.save({"epoch": 3, "model_state_dict": state}, tmp_path / "chexbert" / "chexbert.pth")
+    state = write_chexbert_model(tmp_path / "chexbert", reports)
     monkeypatch.setenv("MEDGPT_CHEXBERT_MODEL", str(tmp_path / "chexbert"))
     long_report = " ".join(reports[10:40])   # over 512 wordpieces: truncated to 511 + [SEP]
     hyps, refs = reports[:3] + [long_report, ""], reports[3:6] + [reports[6], reports[7]]
@@ -296,23 +290,8 @@ def test_bertscore_through_the_code_path(tmp_path, monkeypatch):
     """BERTScore (bert-score installed) with a random distilroberta-architecture model saved locally, against
     bert-score's own `score` with RadCliQ's settings."""
     bert_score = pytest.importorskip("bert_score")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import ByteLevelBPETokenizer
-    import torch
     reports = radlabels_reports(8)
-    model_dir = tmp_path / "distilroberta"
-    model_dir.mkdir()
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(reports, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(model_dir))
-    tokenizer = transformers.RobertaTokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"),
-                                              model_max_length=512)   # as distilroberta-base's tokenizer
-    tokenizer.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = transformers.RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=6,
-                                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=514,
-                                        pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    transformers.RobertaModel(config).save_pretrained(model_dir)
+    model_dir = write_bertscore_model(tmp_path / "distilroberta", reports)
     monkeypatch.setenv("MEDGPT_BERTSCORE_MODEL", str(model_dir))
     hyps, refs = reports[:4], reports[4:]
     ours = rm.model_metrics(hyps, refs)["bertscore"]
