@@ -17,6 +17,9 @@ Design choices
   `build_inputs_with_special_tokens`); they are put back, as transformers 4 defined them, while it runs. Reported: `radgraph_f1` = the package's `partial` reward (RG_ER: entities matched by text and
   label, and whether they have a relation), the level report-generation tables call RadGraph-F1; and
   `radgraph_combined` = mean of entity F1 and relation F1 as CXR-Report-Metric computes them, RadCliQ's input.
+- RaTEScore: the RaTEScore package's score, one pair per call (over a list it drops a report without a sentence
+  and shifts the pairs after it; such a pair scores its no-entity 0.5), with PyRuSH's token-by-token DEBUG log
+  (report text) switched off.
 - RadCliQ-v1 (Yu et al., Patterns 2023; rajpurkarlab/CXR-Report-Metric): per report x = [radgraph_combined,
   BERTScore, s_emb, BLEU-2], z = (x - mean) / scale, RadCliQ = z . coef + intercept; the corpus value is the
   mean over reports and 1/RadCliQ-v1 its inverse. BLEU-2 here is CXR-Report-Metric's: per report, its own
@@ -303,11 +306,30 @@ def radgraph_scores(hypotheses, references, path):
 
 
 def ratescore(hypotheses, references, path):
-    """RaTEScore per report, with its NER and synonym models from local directories."""
+    """RaTEScore per report: the RaTEScore package as released, its NER model (RaTE-NER-Deberta) and synonym
+    encoder (BioLORD-2023-C) read from the directories under `path`. The package cannot take a report in which
+    its medspacy splitter finds no sentence (empty, or under 3 characters): on transformers 5 its tokenizer call
+    on no sentences raises, and over a list such a report is dropped, which shifts every later pair onto the wrong
+    reference. So each pair gets its own compute_score call, and a pair with a sentence-less report, which has no
+    entities, gets the package's no-entity value, 0.5."""
+    env, holds = MODEL_PATHS["ratescore"]
+    ner, synonyms = Path(path) / "RaTE-NER-Deberta", Path(path) / "BioLORD-2023-C"
+    for folder in (ner, synonyms):   # else transformers would take the path for a model hub name
+        if not (folder / "config.json").is_file():
+            raise NotComputed(f"{folder / 'config.json'} does not exist; {env} should be {holds}")
+    from loguru import logger
+    # PyRuSH, medspacy's sentence splitter, logs every token of the text it splits at DEBUG through loguru, whose
+    # default handler prints to stderr: report text would fill every eval log. Only PyRuSH's loggers are switched
+    # off, and for the rest of the process, since any later sentence split would print the same text.
+    logger.disable("PyRuSH")
     from RaTEScore import RaTEScore
-    scorer = RaTEScore(bert_model=str(Path(path) / "RaTE-NER-Deberta"),
-                       eval_model=str(Path(path) / "BioLORD-2023-C"), use_gpu=False)
-    return [float(v) for v in scorer.compute_score(list(hypotheses), list(references))]
+    from RaTEScore.utils import sentence_split
+    scorer = RaTEScore(bert_model=str(ner), eval_model=str(synonyms), use_gpu=False)
+    scores = []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        has_sentences = all(sentence_split([text])[0] for text in (hyp, ref))
+        scores.append(float(scorer.compute_score([hyp], [ref])[0]) if has_sentences else 0.5)
+    return scores
 
 
 def _not_computed(e):

@@ -12,6 +12,10 @@
 Images are crops of a real chest radiograph (pydicom-data RG1_UNCR.dcm, NEMA WG04, MIT package); report sentences
 come from radlabels' synthetic MIMIC-style reports (MIT). Every study's expected findings/impression is returned
 beside the files, taken from the text the fixture writes, never from the code under test.
+
+- RaTEScore's models (`write_ratescore_models`): `RaTE-NER-Deberta/` (Angelakeke/RaTE-NER-Deberta: a DeBERTa-v3
+  token classifier, its 11 labels in config.json) and `BioLORD-2023-C/` (FremyCompany/BioLORD-2023-C: an MPNet
+  sentence encoder), both randomly initialised at tiny sizes, with vocabularies learnt from the reports scored.
 """
 import csv
 import gzip
@@ -19,11 +23,14 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 import report_metrics
@@ -453,3 +460,76 @@ def file_sha(path):
 
 def relpath(path, start):
     return os.path.relpath(path, start)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RaTEScore's two models, as the hub ships them (config.json, model.safetensors, tokenizer files), at tiny sizes
+
+# Angelakeke/RaTE-NER-Deberta's config.json id2label, in its order (B-/I- of five entity types, O last)
+RATE_NER_LABELS = ["B-ABNORMALITY", "I-ABNORMALITY", "B-NON-ABNORMALITY", "I-NON-ABNORMALITY", "B-DISEASE",
+                   "I-DISEASE", "B-NON-DISEASE", "I-NON-DISEASE", "B-ANATOMY", "I-ANATOMY", "O"]
+
+
+def unigram_pieces(texts):
+    """A SentencePiece-style Unigram vocabulary of `texts`, [(piece, log probability)], deberta-v3's specials
+    ([PAD] [CLS] [SEP] [UNK]) first: each word's letter-digit runs and punctuation (the first one marked '▁', the
+    start of a word) and every single character, so that no text is [UNK]."""
+    counts = Counter()
+    for text in texts:
+        for word in text.split():
+            parts = re.findall(r"[A-Za-z0-9]+|[^A-Za-z0-9]", word)
+            counts.update(["▁" + parts[0]] + parts[1:] + list(word))
+    counts["▁"] += 1
+    total = sum(counts.values())
+    pieces = [(piece, math.log(n / total)) for piece, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return [("[PAD]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[UNK]", 0.0)] + pieces
+
+
+def write_rate_ner(folder, texts):
+    """A random DebertaV2ForTokenClassification in deberta-v3-base's configuration (relative attention, 256
+    position buckets, no absolute positions), tiny sizes, RaTE-NER's labels, and a Unigram tokenizer of `texts`
+    ([MASK] added after the pieces, as deberta-v3's). Written as tokenizer.json, which transformers 5 reads; the
+    release's spm.model beside it would need sentencepiece."""
+    import transformers
+    tokenizer = transformers.DebertaV2Tokenizer(vocab=unigram_pieces(texts))
+    tokenizer.save_pretrained(folder)
+    config = transformers.DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7, max_relative_positions=-1,
+        position_biased_input=False, type_vocab_size=0, pad_token_id=0,
+        id2label=dict(enumerate(RATE_NER_LABELS)), label2id={label: i for i, label in enumerate(RATE_NER_LABELS)})
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForTokenClassification(config)
+    # A random classifier's logits differ by about 0.1, so which label wins a token is arbitrary. RaTEScore opens
+    # an entity only at a B- label: a classifier that happened to prefer O or I- everywhere would leave every
+    # report with no entity, at the package's 0.5 fallback, and a test would check nothing. Raising the B- biases
+    # by that spread makes entities start on most tokens whatever the seed.
+    with torch.no_grad():
+        model.classifier.bias[[i for i, label in enumerate(RATE_NER_LABELS) if label.startswith("B-")]] += 0.1
+    model.save_pretrained(folder)
+
+
+def write_biolord(folder, texts):
+    """A random MPNetModel in BioLORD-2023-C's configuration (all-mpnet-base-v2's: 514 positions, 32 relative
+    buckets, pad 1), tiny sizes, with an MPNet WordPiece vocabulary (<s> <pad> </s> <unk> first, then BERT's
+    specials, the lower-cased words and punctuation of `texts`, <mask> last)."""
+    import transformers
+    words = sorted({w for text in texts for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower())})
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + ["<mask>"]
+    tokenizer = transformers.MPNetTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.save_pretrained(folder)
+    config = transformers.MPNetConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=514, relative_attention_num_buckets=32, layer_norm_eps=1e-5, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(1)
+    transformers.MPNetModel(config).save_pretrained(folder)
+
+
+def write_ratescore_models(root, texts):
+    """`root`/RaTE-NER-Deberta and `root`/BioLORD-2023-C, the directory MEDGPT_RATESCORE_MODEL names; returns root."""
+    root = Path(root)
+    write_rate_ner(root / "RaTE-NER-Deberta", texts)
+    write_biolord(root / "BioLORD-2023-C", texts)
+    return root

@@ -1,10 +1,12 @@
 """report_metrics.py against the reference packages and formulas: sacrebleu (BLEU-1..4), rouge-score (ROUGE-L), nltk
 (RadCliQ's BLEU-2), CXR-Report-Metric's RadCliQ-v1 composite and RadGraph F1s, CheXbert's s_emb (transformers), and
-bert-score / radgraph where installed; every model-based metric's "not computed" path; the bootstrap interval."""
+bert-score / radgraph / RaTEScore where installed; every model-based metric's "not computed" path; the bootstrap
+interval."""
 import importlib.util
 import os
 import random
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 import eval as ev
+import report_fixtures as F
 import report_metrics as rm
 from report_fixtures import report_words, tiny_bert, write_bertscore_model, write_chexbert_model, write_radgraph_model
 
@@ -299,3 +302,48 @@ def test_bertscore_through_the_code_path(tmp_path, monkeypatch):
     _, _, f1 = bert_score.score(hyps, refs, model_type=str(model_dir), num_layers=5, lang="en",
                                 rescale_with_baseline=True, baseline_path=str(baseline))
     assert ours == pytest.approx(f1.tolist(), abs=1e-6)
+
+
+def test_ratescore_through_the_code_path(tmp_path, monkeypatch, capfd):
+    """RaTEScore (the package) with random models of RaTE-NER-Deberta's and BioLORD-2023-C's architectures saved
+    locally, against the package's own compute_score: no network, and no report text on stdout or stderr."""
+    pytest.importorskip("RaTEScore")
+    from loguru import logger
+    from RaTEScore import RaTEScore
+    from RaTEScore.utils import sentence_split
+    reports = radlabels_reports(7)
+    root = F.write_ratescore_models(tmp_path / "ratescore", reports)
+    for env, _ in rm.MODEL_PATHS.values():
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("MEDGPT_RATESCORE_MODEL", str(root))
+
+    def no_network(sock, address):
+        raise AssertionError(f"RaTEScore tried to connect to {address}")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    hyps, refs = reports[:3] + [reports[6]], reports[3:6] + [reports[6]]   # three other studies, then itself
+    capfd.readouterr()
+    ours = rm.model_metrics(hyps, refs)["ratescore"]
+    printed = "".join(capfd.readouterr())
+    scorer = RaTEScore(bert_model=str(root / "RaTE-NER-Deberta"), eval_model=str(root / "BioLORD-2023-C"),
+                       use_gpu=False)
+    assert ours == pytest.approx(scorer.compute_score(hyps, refs), abs=1e-12)
+    assert 0.5 not in ours                                   # every report had entities, and they were matched
+    assert all(0 <= v <= 1 + 1e-6 for v in ours)             # float32 cosines: a perfect match may be 1 + 1e-8
+    assert ours[3] > max(ours[:3])   # against itself every entity finds itself (cosine 1): fixed models, no chance
+    words = {w for r in hyps + refs for w in re.findall(r"[A-Za-z]{6,}", r)}
+    assert not [w for w in words if w in printed], "report text was printed"
+    try:   # the check above can see text: PyRuSH's own log, switched back on, is caught
+        logger.enable("PyRuSH")
+        sentence_split(hyps[:1])
+        seen = "".join(capfd.readouterr())
+        assert [w for w in words if w in seen], seen[-500:]
+    finally:
+        logger.disable("PyRuSH")
+    # a report with no sentence (empty, 2 characters) has no entities: 0.5, and the pairs after it keep their
+    # references (the package raises on such a pair alone, and drops the report from a list)
+    out = rm.model_metrics(["", hyps[0], "ok", hyps[1]], refs[:2] + [refs[0], refs[2]])["ratescore"]
+    expected = scorer.compute_score(hyps[:2], refs[1:3])
+    assert out == pytest.approx([0.5, expected[0], 0.5, expected[1]], abs=1e-12)
+    monkeypatch.setenv("MEDGPT_RATESCORE_MODEL", str(root / "RaTE-NER-Deberta"))   # one model, not their folder
+    message = rm.model_metrics(hyps, refs)["ratescore"]
+    assert message.startswith("not computed: ") and "RaTE-NER-Deberta/RaTE-NER-Deberta/config.json does not" in message
