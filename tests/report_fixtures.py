@@ -155,7 +155,6 @@ def report_words(reports):
 def tiny_bert(path, words, hidden=32, layers=2):
     """A randomly initialised BERT (bert-base-uncased's architecture, tiny sizes) with an uncased WordPiece
     vocabulary of `words`, saved as a local model directory; returns (BertModel, BertConfig)."""
-    import torch
     import transformers
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
     os.makedirs(path, exist_ok=True)
@@ -172,7 +171,6 @@ def write_chexbert_model(path, reports):
     """A random CheXbert in its release form: `chexbert.pth` = {'epoch', 'model_state_dict'} of the DataParallel-
     wrapped labeler (module.bert.* + 14 linear heads), beside bert-base-uncased's config, vocab (tiny) and the
     BERT weights; returns the state dict."""
-    import torch
     bert, _ = tiny_bert(path, report_words(reports))
     bert.save_pretrained(path)   # f1chexbert's bert_labeler(pretrain_path=...) starts from these weights
     state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
@@ -186,7 +184,6 @@ def write_chexbert_model(path, reports):
 def write_bertscore_model(path, reports):
     """A random distilroberta-base (6 layers, tiny width) with a byte-level BPE trained on `reports`, saved as a
     local model directory the way distilroberta-base ships (config, weights, vocab.json, merges.txt)."""
-    import torch
     import transformers
     from tokenizers import ByteLevelBPETokenizer
     os.makedirs(path, exist_ok=True)
@@ -236,7 +233,6 @@ def write_radgraph_model(root, reports):
     model over a tiny BERT (`root/radgraph-bert/`). The NER scorer is scaled and shifted so that about one span
     in four words is an entity, and relation scores raised so that some entity pairs are related: a random model
     otherwise labels every span or none, and RadGraph-F1 would be 0 or meaningless."""
-    import torch
     from radgraph.allennlp.data import Vocabulary
     from radgraph.allennlp.modules import text_field_embedders, token_embedders
     from radgraph.dygie.models import dygie
@@ -515,8 +511,8 @@ def write_biolord(folder, texts):
     buckets, pad 1), tiny sizes, with an MPNet WordPiece vocabulary (<s> <pad> </s> <unk> first, then BERT's
     specials, the lower-cased words and punctuation of `texts`, <mask> last)."""
     import transformers
-    words = sorted({w for text in texts for w in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower())})
-    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + ["<mask>"]
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + report_words(texts) \
+        + ["<mask>"]
     tokenizer = transformers.MPNetTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     tokenizer.save_pretrained(folder)
     config = transformers.MPNetConfig(

@@ -157,20 +157,21 @@ def test_run_computes_every_report_metric_with_local_models(release, medgpt_dir,
     F.write_chexbert_model(models / "chexbert", refs)
     F.write_bertscore_model(models / "distilroberta", refs)
     F.write_radgraph_model(models / "radgraph", refs)
+    F.write_ratescore_models(models / "ratescore", refs)
     pool = root / "train" / "mimic_cxr_instruct" / "train.jsonl"
     results = ev.main(["--model", str(medgpt_dir), "--bench", "mimic_cxr_findings,mimic_cxr_impression",
                        "--data_dir", str(root / "eval"), "--dtype", "float32", "--max_new_tokens", "6", "--prior",
                        "--shots", "0,1", "--shot_pool", str(pool), "--out_dir", str(tmp_path / "out"),
                        "--semb_model", str(models / "chexbert"), "--bertscore_model", str(models / "distilroberta"),
-                       "--radgraph_model", str(models / "radgraph")])
+                       "--radgraph_model", str(models / "radgraph"), "--ratescore_model", str(models / "ratescore")])
     records = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
     paths = {"semb": str(models / "chexbert"), "bertscore": str(models / "distilroberta"),
-             "radgraph": str(models / "radgraph")}
+             "radgraph": str(models / "radgraph"), "ratescore": str(models / "ratescore")}
     for key, entry in results.items():
         report = entry["report"]
-        for name in ("bleu4", "rouge_l", "bertscore", "semb", "radgraph_f1", "radgraph_combined", "radcliq_v1"):
+        for name in ("bleu4", "rouge_l", "bertscore", "semb", "radgraph_f1", "radgraph_combined", "ratescore",
+                     "radcliq_v1"):
             assert isinstance(report[name], float), (key, name, report[name])
-        assert report["ratescore"].startswith("not computed: ")
         group = [r for r in records if r["benchmark"] == entry["benchmark"] and r["shots"] == entry["shots"]]
         hyps, answers = [r["prediction"] for r in group], [r["answer"] for r in group]
         parts = ev.report_metrics.model_metrics(hyps, answers, paths)
@@ -179,4 +180,4 @@ def test_run_computes_every_report_metric_with_local_models(release, medgpt_dir,
         assert report["radcliq_v1"] == pytest.approx(float(ev.report_metrics.radcliq_v1(features).mean()))
         assert report["inv_radcliq_v1"] == pytest.approx(1 / report["radcliq_v1"])
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "RadCliQ-v1" in table and "0.803" in table
+    assert "RadCliQ-v1" in table and "0.803" in table and "n/c" not in table

@@ -321,9 +321,11 @@ def test_ratescore_through_the_code_path(tmp_path, monkeypatch, capfd):
         raise AssertionError(f"RaTEScore tried to connect to {address}")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     hyps, refs = reports[:3] + [reports[6]], reports[3:6] + [reports[6]]   # three other studies, then itself
+    logged = []   # every loguru record, whichever stream loguru's default handler was given when first imported
+    sink = logger.add(logged.append, level="DEBUG")
     capfd.readouterr()
     ours = rm.model_metrics(hyps, refs)["ratescore"]
-    printed = "".join(capfd.readouterr())
+    printed = "".join(capfd.readouterr()) + "".join(logged)
     scorer = RaTEScore(bert_model=str(root / "RaTE-NER-Deberta"), eval_model=str(root / "BioLORD-2023-C"),
                        use_gpu=False)
     assert ours == pytest.approx(scorer.compute_score(hyps, refs), abs=1e-12)
@@ -335,10 +337,11 @@ def test_ratescore_through_the_code_path(tmp_path, monkeypatch, capfd):
     try:   # the check above can see text: PyRuSH's own log, switched back on, is caught
         logger.enable("PyRuSH")
         sentence_split(hyps[:1])
-        seen = "".join(capfd.readouterr())
+        seen = "".join(capfd.readouterr()) + "".join(logged)
         assert [w for w in words if w in seen], seen[-500:]
     finally:
         logger.disable("PyRuSH")
+        logger.remove(sink)
     # a report with no sentence (empty, 2 characters) has no entities: 0.5, and the pairs after it keep their
     # references (the package raises on such a pair alone, and drops the report from a list)
     out = rm.model_metrics(["", hyps[0], "ok", hyps[1]], refs[:2] + [refs[0], refs[2]])["ratescore"]
