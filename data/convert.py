@@ -39,8 +39,8 @@ import eval as harness  # the prompt wording of stage-3 VQA conversations
 from . import pmc
 from .leakage import file_sha256, text_sha256
 from . import mimic
-from .mimic import (convert_chexpert_plus, convert_iu_xray, convert_mimic_cxr, convert_mimic_cxr_captions,
-                    convert_mimic_cxr_instruct)
+from .mimic import (convert_chexpert_plus, convert_chexpert_plus_instruct, convert_iu_xray, convert_iu_xray_instruct,
+                    convert_mimic_cxr, convert_mimic_cxr_captions, convert_mimic_cxr_instruct)
 
 
 class LayoutError(ValueError):
@@ -890,7 +890,9 @@ CONVERTERS = {
     "mimic-cxr-instruct": (convert_mimic_cxr_instruct, "mimic_cxr_instruct", "train"),
     "mimic-cxr-captions": (convert_mimic_cxr_captions, "mimic_cxr_captions", "train"),
     "iu-xray": (convert_iu_xray, ("iu_xray_findings", "iu_xray_impression"), "eval"),
+    "iu-xray-instruct": (convert_iu_xray_instruct, "iu_xray_instruct", "train"),
     "chexpert-plus": (convert_chexpert_plus, ("chexpert_plus_findings", "chexpert_plus_impression"), "eval"),
+    "chexpert-plus-instruct": (convert_chexpert_plus_instruct, "chexpert_plus_instruct", "train"),
 }
 
 
