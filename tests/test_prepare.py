@@ -40,7 +40,7 @@ def test_every_release_is_found_and_converted(prepared, capsys):
     train = sorted(os.listdir(os.path.join(out, "train")))
     assert train == sorted(["slake_train", "vqa_rad_train", "pathvqa_train", "pmc_vqa_train", "medqa_train",
                             "medmcqa_train", "pubmedqa_train", "mimic_cxr_captions", "mimic_cxr_instruct",
-                            "llava-med-alignment",
+                            "chexpert_plus_instruct", "llava-med-alignment",
                             "llava-med-instruct", "pmc-oa", "roco", "rocov2", "pmc-articles", "pubmed", "text-folder"])
     ten = read(os.path.join(out, "eval", "mmmu_pro_med_10", "test.jsonl"))
     assert [len(i["options"]) for i in ten] == [10]  # the config the benchmark names
