@@ -39,8 +39,8 @@ import eval as harness  # the prompt wording of stage-3 VQA conversations
 from . import pmc
 from .leakage import file_sha256, text_sha256
 from . import mimic
-from .mimic import (convert_chexpert_plus, convert_iu_xray, convert_mimic_cxr, convert_mimic_cxr_captions,
-                    convert_mimic_cxr_instruct)
+from .mimic import (convert_chexpert_plus, convert_chexpert_plus_instruct, convert_iu_xray, convert_iu_xray_instruct,
+                    convert_mimic_cxr, convert_mimic_cxr_captions, convert_mimic_cxr_instruct)
 
 
 class LayoutError(ValueError):
@@ -161,6 +161,15 @@ def check_not_empty(count, what, src, skipped):
 def progress(name, count):
     if count % 10000 == 0:
         print(f"  {name}: {count} written", file=sys.stderr, flush=True)
+
+
+def remove_empty_dirs(folder):
+    """Remove `folder` and its imgs/ when a writer left them empty (a folder with files in it stays)."""
+    for path in (os.path.join(folder, "imgs"), folder):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 class EvalWriter:
@@ -890,7 +899,9 @@ CONVERTERS = {
     "mimic-cxr-instruct": (convert_mimic_cxr_instruct, "mimic_cxr_instruct", "train"),
     "mimic-cxr-captions": (convert_mimic_cxr_captions, "mimic_cxr_captions", "train"),
     "iu-xray": (convert_iu_xray, ("iu_xray_findings", "iu_xray_impression"), "eval"),
+    "iu-xray-instruct": (convert_iu_xray_instruct, "iu_xray_instruct", "train"),
     "chexpert-plus": (convert_chexpert_plus, ("chexpert_plus_findings", "chexpert_plus_impression"), "eval"),
+    "chexpert-plus-instruct": (convert_chexpert_plus_instruct, "chexpert_plus_instruct", "train"),
 }
 
 
@@ -931,7 +942,10 @@ def convert(name, src, out, split=None, skip_missing=False, benchmark=None, limi
     for writer in writers:
         writer.images_dir = images
     source_split = run(function, src, split, writers)
-    if len(writers) > 1:  # medxpertqa: a subset that is absent is not written
+    if len(writers) > 1:  # medxpertqa, R2Gen's IU-Xray: a subset that is absent is not written
+        for wr in writers:
+            if not (wr.items or wr.skipped):
+                remove_empty_dirs(wr.dir)
         return [wr.close(source_split, src) for wr in writers if wr.items or wr.skipped]
     return writers[0].close(source_split, src)
 

@@ -1,13 +1,15 @@
 """
 Chest X-ray report generation data: the MIMIC-CXR section parser, MIMIC-CXR studies (every view, the prior
-study, a findings task and an impression task), IU-Xray (OpenI) and CheXpert Plus, written as eval items and as
-stage-1 / stage-3 training records.
+study, a findings task and an impression task), IU-Xray (OpenI XML, Kaggle CSVs, R2Gen's split) and CheXpert Plus,
+written as eval items and as stage-1 / stage-3 training records.
 
     python -m data.convert mimic-cxr --src MIMIC_CXR_JPG --out data/eval           # mimic_cxr_{findings,impression}
     python -m data.convert mimic-cxr-instruct --src MIMIC_CXR_JPG --out data/train # stage 3, train split
     python -m data.convert mimic-cxr-captions --src MIMIC_CXR_JPG --out data/train # stage 1, train split
-    python -m data.convert iu-xray --src NLMCXR --out data/eval                    # iu_xray_{findings,impression}
+    python -m data.convert iu-xray --src IU_XRAY --out data/eval                   # iu_xray_{findings,impression}
+    python -m data.convert iu-xray-instruct --src iu_xray --out data/train         # stage 3, R2Gen's train split
     python -m data.convert chexpert-plus --src CHEXPERT_PLUS --out data/eval       # chexpert_plus_{...}
+    python -m data.convert chexpert-plus-instruct --src CHEXPERT_PLUS --out data/train   # stage 3, train split
 
 Design choices
 - Sections are cut as the official MIMIC-CXR parser cuts them (MIT-LCP/mimic-cxr, txt/section_parser.py and
@@ -20,20 +22,28 @@ Design choices
 - The two tasks' references: findings = the 'findings' section; impression = the 'impression' section, else
   the 'last_paragraph' (reports without headings), or the text the per-study rules give. Whitespace runs are
   collapsed to one space. A study without the section has no item for that task (counted, never printed).
-- Views in a stated order: PA, AP, LATERAL, LL, then every other ViewPosition (AP AXIAL, PA LLD, ...,
-  unrecorded); ties by dicom_id. Eval items keep every view; eval.py's --max_views keeps the first N.
+- Views in a stated order: PA, AP, FRONTAL (a frontal view whose projection is not recorded: IU-Xray's Kaggle
+  CSV), LATERAL, LL, then every other ViewPosition (AP AXIAL, PA LLD, ..., unrecorded); ties by image name
+  (dicom_id). Eval items keep every view; eval.py's --max_views keeps the first N.
 - The prior study: the same subject's latest study with an earlier (StudyDate, StudyTime) whose report has a
   findings or impression section; an item links it (its images in view order, its report as
   'Findings: ...\\nImpression: ...'), and eval.py's --prior puts it into the prompt.
 - One prompt per task (`report_prompt`): it names the task, the views and whether a prior study is given.
-  The train split becomes stage-3 conversations in the same prompt form (with the prior when the study has
-  one, at most TRAIN_MAX_VIEWS views per study) and stage-1 (image, findings) caption pairs, one per image.
+  A train split becomes stage-3 conversations in the same prompt form (`train_records`: with the prior when the
+  study has one, at most TRAIN_MAX_VIEWS views per study), written by the `-instruct` converters (MIMIC-CXR,
+  CheXpert Plus, IU-Xray's R2Gen split); the eval converters refuse a train split and name them. MIMIC-CXR's
+  train split also becomes stage-1 (image, findings) caption pairs, one per image.
+- IU-Xray ships one report per study and no patient id or study date: no prior is ever linked. Its layouts:
+  OpenI XML (no view recorded, the XML's image order), Kaggle CSVs (Frontal / Lateral per image: frontal
+  first), R2Gen's annotation.json (train/val/test; its reports are the findings section; 0.png, 1.png, no view).
+  OpenI and Kaggle have no split: every report is an item, keyed `CXR<uid>` in both.
 - Converters take the writers data/convert.py hands them (`emit`, `image`, `skip`) and import nothing from it
   (data/convert.py imports this module for its CONVERTERS table).
 """
 import csv
 import glob
 import gzip
+import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -192,8 +202,9 @@ def prior_report_text(references):
 # Views and the prompt (one wording per task)
 
 
-VIEW_ORDER = ("PA", "AP", "LATERAL", "LL")    # frontal first, then lateral; any other view after these
-VIEW_WORDS = {"PA": "PA", "AP": "AP", "LATERAL": "lateral", "LL": "left lateral", "": "view not recorded"}
+VIEW_ORDER = ("PA", "AP", "FRONTAL", "LATERAL", "LL")   # frontal first, then lateral; any other view after these
+VIEW_WORDS = {"PA": "PA", "AP": "AP", "FRONTAL": "frontal", "LATERAL": "lateral", "LL": "left lateral",
+              "": "view not recorded"}
 
 
 def view_rank(view):
@@ -248,7 +259,8 @@ def find_one(src, patterns, what):
 
 def column(row, name, where):
     if name not in row or row[name] is None:
-        raise LayoutError(f"{where}: missing column {name!r}; found columns {sorted(k for k in row if k)}")
+        raise LayoutError(f"{where}: missing column {name!r}; found columns {sorted(k for k in row if k)}. "
+                          "Point --src at the release as downloaded (its files unchanged).")
     return row[name].strip()
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,6 +344,13 @@ def mimic_studies(src):
 def references_of(study):
     return {t: study.references.get(t) for t in TASKS}
 
+
+def check_eval_split(split, instruct):
+    """The eval converters write eval items; a train split goes through the data set's -instruct converter."""
+    if split and os.path.basename(split).lower().startswith("train"):
+        raise LayoutError(f"--split {split}: a report benchmark's training records are written by `python -m "
+                          f"data.convert {instruct}` (stage-3 conversations in eval's prompt form)")
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing eval items and training records
 
@@ -373,13 +392,14 @@ def emit_task_items(studies, split, writers, source):
                 emit_report_item(w, study, task, f"{source}: {study.key}")
                 written += 1
     if not written:
-        raise LayoutError(f"{source}: no {split} study with a findings or impression section; check --split "
-                          f"(found splits {sorted({s.split for s in studies})})")
+        raise LayoutError(f"{source}: wrote 0 items: no study of split {split!r} has a findings or impression "
+                          f"section; check --split (found splits {sorted({s.split for s in studies})})")
     return split
 
 
 def convert_mimic_cxr(src, split, w_findings, w_impression):
     """MIMIC-CXR-JPG + MIMIC-CXR reports -> mimic_cxr_findings and mimic_cxr_impression (default: test split)."""
+    check_eval_split(split, "mimic-cxr-instruct")
     return emit_task_items(mimic_studies(src), split or "test", (w_findings, w_impression), "MIMIC-CXR")
 
 
@@ -395,21 +415,27 @@ def train_records(study, task):
     return record, [p for _, p, _ in prior + current]
 
 
-def convert_mimic_cxr_instruct(src, split, w):
-    """The train split as stage-3 conversations (both tasks), in eval's prompt form."""
-    split = split or "train"
-    for study in mimic_studies(src):
+def emit_train_records(studies, split, w, source, tasks=TASKS):
+    """Stage-3 conversations of `split` (each task, eval's prompt form); studies without the section are skipped
+    and counted; writing none is an error."""
+    for study in studies:
         if study.split != split:
             continue
-        for task in TASKS:
+        for task in tasks:
             if not study.references.get(task):
                 w.skip(study.references.get("missing", f"no {task} section"))
                 continue
             record, paths = train_records(study, task)
-            w.emit(record, paths, [study.references[task]], f"MIMIC-CXR: {study.key}")
+            w.emit(record, paths, [study.references[task]], f"{source}: {study.key}")
     if not w.rows:
-        raise LayoutError(f"{src}: no {split} study with a findings or impression section")
+        raise LayoutError(f"{source}: wrote 0 records of split {split!r} (skipped: {dict(w.skipped) or 'none'}); "
+                          f"check --split (found splits {sorted({s.split for s in studies})}) and the images")
     return split
+
+
+def convert_mimic_cxr_instruct(src, split, w):
+    """The train split as stage-3 conversations (both tasks), in eval's prompt form."""
+    return emit_train_records(mimic_studies(src), split or "train", w, "MIMIC-CXR")
 
 
 def convert_mimic_cxr_captions(src, split, w):
@@ -430,18 +456,40 @@ def convert_mimic_cxr_captions(src, split, w):
     return split
 
 # ----------------------------------------------------------------------------------------------------------
-# IU-Xray (OpenI) and CheXpert Plus
+# IU-Xray: OpenI XML, Kaggle CSVs, R2Gen's annotation.json
+
+IU_LAYOUTS = {   # layout -> the file that marks it (globs under --src, first match wins)
+    "R2Gen": ("annotation.json", "iu_xray/annotation.json"),
+    "Kaggle": ("indiana_reports.csv", "**/indiana_reports.csv"),
+    "OpenI": ("ecgen-radiology/*.xml", "**/ecgen-radiology/*.xml"),
+}
+IU_PROJECTIONS = {"Frontal": "FRONTAL", "Lateral": "LATERAL"}   # indiana_projections.csv's projection values
 
 
-def convert_iu_xray(src, split, w_findings, w_impression):
-    """IU-Xray as OpenI releases it: `ecgen-radiology/*.xml` (NLMCXR_reports.tgz), each report's
-    <AbstractText Label="FINDINGS"/"IMPRESSION"> and its <parentImage id="CXR1_1_IM-0001-3001"> images, found as
-    `<id>.png` anywhere under --src (NLMCXR_png.tgz). The XML records no view; images keep their XML order.
-    There is no official split: every report with images and the section is an item."""
+def iu_xray_layout(src):
+    """(layout, the file that marks it): R2Gen's split first, then Kaggle's CSVs, then OpenI's XML."""
+    for layout, patterns in IU_LAYOUTS.items():
+        for pattern in patterns:
+            matches = sorted(glob.glob(os.path.join(src, pattern), recursive=True))
+            if matches:
+                return layout, matches[0]
+    raise LayoutError(f"{src}: no IU-Xray release found; looked for annotation.json + images/ (R2Gen), "
+                      "indiana_reports.csv + indiana_projections.csv + images/images_normalized/ (Kaggle), "
+                      "ecgen-radiology/*.xml + NLMCXR_png (OpenI). Point --src at the unpacked download.")
+
+
+def require_image(path, where, what_to_do, w):
+    """Stop at a missing image with the row that names it, unless --skip-missing (then the writer counts it)."""
+    if not w.skip_missing and not os.path.isfile(path):
+        raise LayoutError(f"{where}: image not found: {path}; {what_to_do} (or use --skip-missing to skip and count)")
+
+
+def iu_xray_openi(src, w):
+    """OpenI: `ecgen-radiology/*.xml` (NLMCXR_reports.tgz), each report's <AbstractText Label="FINDINGS" /
+    "IMPRESSION"> and its <parentImage id="CXR1_1_IM-0001-3001"> images, found as `<id>.png` anywhere under --src
+    (NLMCXR_png.tgz). The XML records no view: images keep their XML order."""
     reports = sorted(glob.glob(os.path.join(src, "**", "ecgen-radiology", "*.xml"), recursive=True),
                      key=lambda p: (len(os.path.basename(p)), os.path.basename(p)))
-    if not reports:
-        raise LayoutError(f"{src}: no ecgen-radiology/*.xml (unpack NLMCXR_reports.tgz under --src)")
     pngs = {os.path.splitext(os.path.basename(p))[0]: p
             for p in glob.glob(os.path.join(src, "**", "*.png"), recursive=True)}
     studies = []
@@ -456,16 +504,120 @@ def convert_iu_xray(src, split, w_findings, w_impression):
         study = Study(key, key, "all", (0,), references={t: texts.get(t.upper()) or None for t in TASKS})
         for image in root.iter("parentImage"):
             image_id = image.get("id")
-            if image_id not in pngs:
-                raise LayoutError(f"{path}: parentImage {image_id}: no {image_id}.png under {src} "
-                                  "(unpack NLMCXR_png.tgz there)")
-            study.images.append(("", pngs[image_id], f"{image_id}.png"))
-        if study.images:
+            if image_id not in pngs and not w.skip_missing:
+                raise LayoutError(f"{path}: parentImage {image_id}: no {image_id}.png under {src}; unpack "
+                                  "NLMCXR_png.tgz there (or use --skip-missing to skip and count)")
+            study.images.append(("", pngs.get(image_id, os.path.join(src, f"{image_id}.png")), f"{image_id}.png"))
+        studies.append(study)
+    return studies
+
+
+def iu_xray_kaggle(reports_path, w):
+    """Kaggle's "Chest X-rays (Indiana University)": `indiana_reports.csv` (uid, MeSH, Problems, image, indication,
+    comparison, findings, impression), `indiana_projections.csv` (uid, filename, projection = Frontal / Lateral),
+    images `images/images_normalized/<filename>`. uid N is OpenI's report N: the study key is `CXR<uid>`."""
+    folder = os.path.dirname(reports_path)
+    projections_path = os.path.join(folder, "indiana_projections.csv")
+    if not os.path.isfile(projections_path):
+        raise LayoutError(f"{folder}: indiana_reports.csv without indiana_projections.csv (uid, filename, "
+                          "projection); unpack the whole Kaggle download there")
+    images = w.images_dir or os.path.join(folder, "images", "images_normalized")
+    studies = {}
+    for row, line in read_csv(reports_path):
+        where = f"{reports_path}: line {line}"
+        uid = column(row, "uid", where)
+        references = {task: collapse(column(row, task, where)) or None for task in TASKS}
+        studies[uid] = Study(f"CXR{uid}", f"CXR{uid}", "all", (0,), references=references)
+    for row, line in read_csv(projections_path):
+        where = f"{projections_path}: line {line}"
+        uid, filename = column(row, "uid", where), column(row, "filename", where)
+        projection = column(row, "projection", where)
+        if uid not in studies:
+            raise LayoutError(f"{where}: uid {uid} has no row in indiana_reports.csv; use the two files of one "
+                              "download")
+        path = os.path.join(images, filename)
+        require_image(path, where, "unpack images/images_normalized/ beside the CSVs (or pass --images DIR)", w)
+        studies[uid].images.append((IU_PROJECTIONS.get(projection, projection.upper()), path, filename))
+    for study in studies.values():
+        study.sort_images()
+    return sorted(studies.values(), key=lambda s: (len(s.key), s.key))
+
+
+def iu_xray_r2gen(annotation_path, w):
+    """R2Gen's split (Chen et al. 2020, github.com/zhjohnchan/R2Gen): `annotation.json` = {"train" / "val" /
+    "test": [{"id": "CXR2384_IM-0942", "report", "image_path": ["CXR2384_IM-0942/0.png", ".../1.png"], "split"}]}
+    with `images/` beside it. The report is the findings section; the images record no view (release order)."""
+    images = w.images_dir or os.path.join(os.path.dirname(annotation_path), "images")
+    try:
+        with open(annotation_path, encoding="utf-8") as f:
+            splits = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"{annotation_path}: not valid JSON ({e})") from None
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise LayoutError(f"{annotation_path}: expected {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
+    studies = []
+    for split, entries in splits.items():
+        for n, entry in enumerate(entries):
+            where = f"{annotation_path}: {split}[{n}]"
+            missing = [k for k in ("id", "report", "image_path") if k not in entry]
+            if missing:
+                raise LayoutError(f"{where}: missing field {missing[0]!r}; found {sorted(entry)}. Point --src at "
+                                  "R2Gen's iu_xray folder as downloaded")
+            if not isinstance(entry["image_path"], list) or not isinstance(entry["report"], str):
+                raise LayoutError(f"{where}: expected \"report\" text and an \"image_path\" list, found "
+                                  f"{type(entry['report']).__name__} and {type(entry['image_path']).__name__}")
+            study = Study(entry["id"], entry["id"], split, (0,),
+                          references={"findings": collapse(entry["report"]) or None, "impression": None})
+            for rel in entry["image_path"]:
+                require_image(os.path.join(images, rel), f"{where} ({entry['id']})",
+                              "unpack R2Gen's images/ beside annotation.json (or pass --images DIR)", w)
+                study.images.append(("", os.path.join(images, rel), rel))
             studies.append(study)
-        else:
-            w_findings.skip("report without images")
-    emit_task_items(studies, "all", (w_findings, w_impression), "IU-Xray")
-    return "all (IU-Xray has no official split)"
+    return studies
+
+
+def iu_xray_studies(src, w):
+    """(layout, marker file, studies) of the IU-Xray release at `src`; studies without images are counted."""
+    layout, marker = iu_xray_layout(src)
+    if layout == "R2Gen":
+        studies = iu_xray_r2gen(marker, w)
+    elif layout == "Kaggle":
+        studies = iu_xray_kaggle(marker, w)
+    else:
+        studies = iu_xray_openi(src, w)
+    for study in studies:
+        if not study.images:
+            w.skip("report without images")
+    return layout, marker, [s for s in studies if s.images]
+
+
+def no_split(layout, marker, split):
+    return LayoutError(f"--split {split}: IU-Xray's {layout} layout ({marker}) has no split: every report is an eval "
+                       "item. R2Gen's annotation.json has train/val/test; point --src at it for a split.")
+
+
+def convert_iu_xray(src, split, w_findings, w_impression):
+    """IU-Xray -> iu_xray_findings, iu_xray_impression (R2Gen: findings only, default split test; OpenI and
+    Kaggle: every report, no split)."""
+    layout, marker, studies = iu_xray_studies(src, w_findings)
+    if layout == "R2Gen":
+        check_eval_split(split, "iu-xray-instruct")
+        return emit_task_items(studies, split or "test", (w_findings,), "IU-Xray (R2Gen)")
+    if split:
+        raise no_split(layout, marker, split)
+    emit_task_items(studies, "all", (w_findings, w_impression), f"IU-Xray ({layout})")
+    return f"all (IU-Xray's {layout} layout has no split)"
+
+
+def convert_iu_xray_instruct(src, split, w):
+    """R2Gen's train split of IU-Xray as stage-3 conversations (findings), in eval's prompt form."""
+    layout, marker, studies = iu_xray_studies(src, w)
+    if layout != "R2Gen":
+        raise no_split(layout, marker, split or "train")
+    return emit_train_records(studies, split or "train", w, "IU-Xray (R2Gen)", tasks=("findings",))
+
+# ----------------------------------------------------------------------------------------------------------
+# CheXpert Plus
 
 
 CHEXPERT_VIEWS = {("frontal", "pa"): "PA", ("frontal", "ap"): "AP", ("lateral", "ll"): "LL"}
@@ -480,10 +632,10 @@ def chexpert_image(src, rel):
     return os.path.join(src, rel)
 
 
-def convert_chexpert_plus(src, split, w_findings, w_impression):
+def chexpert_studies(src):
     """CheXpert Plus: `df_chexpert_plus_240401.csv` (path_to_image, frontal_lateral, ap_pa, deid_patient_id,
-    patient_report_date_order, section_findings, section_impression, split = train/valid); one study per
-    image folder (train/patientN/studyM/), priors by patient_report_date_order. Default split: valid."""
+    patient_report_date_order, section_findings, section_impression, split = train/valid); one study per image
+    folder (train/patientN/studyM/), views in the stated order, priors by patient_report_date_order."""
     path = find_one(src, ["df_chexpert_plus_240401.csv", "**/df_chexpert_plus_*.csv"], "df_chexpert_plus_240401.csv")
     studies = {}
     for row, line in read_csv(path):
@@ -499,9 +651,20 @@ def convert_chexpert_plus(src, split, w_findings, w_impression):
         study = studies.setdefault(key, Study(key, column(row, "deid_patient_id", where),
                                               column(row, "split", where), (order,)))
         study.references = {t: collapse(row.get(f"section_{t}") or "") or None for t in TASKS}
-        study.images.append((view, chexpert_image(src, rel), rel))
+        image = chexpert_image(src, rel)
+        study.images.append((view, image, os.path.relpath(image, src)))   # the file's own name (.png or .jpg)
     for study in studies.values():
         study.sort_images()
     link_priors(list(studies.values()))
-    return emit_task_items(sorted(studies.values(), key=lambda s: s.key), split or "valid",
-                           (w_findings, w_impression), "CheXpert Plus")
+    return sorted(studies.values(), key=lambda s: s.key)
+
+
+def convert_chexpert_plus(src, split, w_findings, w_impression):
+    """CheXpert Plus -> chexpert_plus_findings, chexpert_plus_impression (default split: valid)."""
+    check_eval_split(split, "chexpert-plus-instruct")
+    return emit_task_items(chexpert_studies(src), split or "valid", (w_findings, w_impression), "CheXpert Plus")
+
+
+def convert_chexpert_plus_instruct(src, split, w):
+    """CheXpert Plus's train split as stage-3 conversations (both tasks, priors linked), in eval's prompt form."""
+    return emit_train_records(chexpert_studies(src), split or "train", w, "CheXpert Plus")

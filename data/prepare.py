@@ -69,8 +69,9 @@ RELEASES = (
     Release("medbullets", ("ChallengeClinicalQA", "medbullets"), (Job("medbullets"),)),
     Release("mimic-cxr", ("mimic-cxr-jpg", "mimic-cxr", "MIMIC-CXR"),
             (Job("mimic-cxr"), Job("mimic-cxr-captions", role="stage1"), Job("mimic-cxr-instruct", role="stage3"))),
-    Release("iu-xray", ("iu-xray", "IU_XRay", "openi", "NLMCXR"), (Job("iu-xray"),)),
-    Release("chexpert-plus", ("chexpert-plus", "CheXpert-Plus", "chexpertplus"), (Job("chexpert-plus"),)),
+    Release("iu-xray", ("iu-xray", "IU_XRay", "openi", "NLMCXR", "chest-xrays-indiana-university"), (Job("iu-xray"),)),
+    Release("chexpert-plus", ("chexpert-plus", "CheXpert-Plus", "chexpertplus"),
+            (Job("chexpert-plus"), Job("chexpert-plus-instruct", role="stage3"))),
     Release("llava-med", ("LLaVA-Med", "llava_med"),
             (Job("llava-med-alignment", role="stage1"), Job("llava-med-instruct", role="stage3"))),
     Release("pmc-oa", ("pmc_oa", "PMC-OA"), (Job("pmc-oa", role="stage1"),)),
@@ -295,7 +296,9 @@ def main(argv=None):
             continue
         print(f"  {status}", file=sys.stderr)
         found.append(release)
-        outputs += [(job.role, folder) for folder in folders if os.path.isdir(folder)]
+        # a writer that wrote nothing (R2Gen's IU-Xray has no impression) leaves an empty folder: not an output
+        outputs += [(job.role, folder) for folder in folders
+                    if os.path.isfile(os.path.join(folder, "convert_info.json"))]
 
     # 2. leakage filter of every training source against every eval set present
     index_cache = []

@@ -5,7 +5,9 @@
   HHMMSS.fff), images `files/pNN/pSUBJECT/sSTUDY/DICOM_ID.jpg`, reports `files/pNN/pSUBJECT/sSTUDY.txt` in the
   reports' style (a title line, then ' NAME:' sections, every line indented by one space).
 - IU-Xray (OpenI): `ecgen-radiology/N.xml` (eCitation, AbstractText Label=..., parentImage id=...) and
-  `NLMCXR_png/<id>.png`.
+  `NLMCXR_png/<id>.png`. Kaggle (raddar/chest-xrays-indiana-university): `indiana_reports.csv`,
+  `indiana_projections.csv` (projection Frontal / Lateral), `images/images_normalized/<uid>_IM-....dcm.png`.
+  R2Gen (zhjohnchan/R2Gen): `annotation.json` (train / val / test) and `images/<id>/0.png, 1.png`.
 - CheXpert Plus: `df_chexpert_plus_240401.csv` (an unnamed index column first, then path_to_image, ...,
   section_findings, section_impression, ..., split) and `PNG/train/patientN/studyM/viewK_frontal.png`.
 
@@ -447,6 +449,78 @@ def write_chexpert_plus(root):
         writer = csv.writer(f)
         writer.writerow(CHEXPERT_COLUMNS)
         writer.writerows(rows)
+    return expected
+
+
+IU_KAGGLE_REPORT_COLUMNS = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+# uid -> [(filename, projection)] in indiana_projections.csv's order (rows of the real file: uid 10's frontal is
+# its 2001 image, uid 42 has two laterals, uid 62 two frontals, uid 74 a lateral only); uid 3 has no findings
+# and uid 16 neither findings nor impression, as in the release
+IU_KAGGLE_IMAGES = {
+    "1": [("1_IM-0001-4001.dcm.png", "Frontal"), ("1_IM-0001-3001.dcm.png", "Lateral")],
+    "3": [("3_IM-1384-1001.dcm.png", "Frontal"), ("3_IM-1384-2001.dcm.png", "Lateral")],
+    "10": [("10_IM-0002-2001.dcm.png", "Frontal"), ("10_IM-0002-1001.dcm.png", "Lateral")],
+    "16": [("16_IM-0389-1001.dcm.png", "Frontal"), ("16_IM-0389-2001.dcm.png", "Lateral")],
+    "42": [("42_IM-2063-1001.dcm.png", "Frontal"), ("42_IM-2063-2001.dcm.png", "Lateral"),
+           ("42_IM-2063-3001.dcm.png", "Lateral")],
+    "62": [("62_IM-2202-12012.dcm.png", "Frontal"), ("62_IM-2202-4004.dcm.png", "Frontal"),
+           ("62_IM-2202-1001.dcm.png", "Lateral")],
+    "74": [("74_IM-2296-2001.dcm.png", "Lateral")],
+}
+
+
+def write_iu_xray_kaggle(root):
+    """Kaggle's "Chest X-rays (Indiana University)" (raddar): indiana_reports.csv, indiana_projections.csv (uid,
+    filename, projection) and images/images_normalized/<filename>; returns {"CXR<uid>": {findings, impression,
+    images, filenames, projections}} with images in the CSV's order. Both CSVs have LF line ends, as released."""
+    root = Path(root)
+    folder = root / "images" / "images_normalized"
+    folder.mkdir(parents=True)
+    reports, projections, expected = [], [], {}
+    for n, ((uid, images), (findings, impression)) in enumerate(zip(IU_KAGGLE_IMAGES.items(),
+                                                                     radlabels_sections(len(IU_KAGGLE_IMAGES)))):
+        findings = "" if uid in ("3", "16") else findings
+        impression = "" if uid == "16" else impression
+        reports.append([uid, "normal", "normal", "Xray Chest PA and Lateral", "Positive TB test", "None.", findings,
+                        impression])
+        entry = {"findings": findings or None, "impression": impression or None, "images": [], "filenames": [],
+                 "projections": []}
+        for k, (filename, projection) in enumerate(images):
+            (folder / filename).write_bytes(xray_jpeg(300 + 10 * n + k, "PNG"))
+            projections.append([uid, filename, projection])
+            entry["images"].append(folder / filename)
+            entry["filenames"].append(filename)
+            entry["projections"].append(projection)
+        expected[f"CXR{uid}"] = entry
+    for name, header, rows in (("indiana_reports.csv", IU_KAGGLE_REPORT_COLUMNS, reports),
+                               ("indiana_projections.csv", ["uid", "filename", "projection"], projections)):
+        with open(root / name, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+    return expected
+
+
+# R2Gen's IU-Xray split: entries as its annotation.json writes them (ids CXR<uid>_IM-<nnnn>[-nnnn])
+IU_R2GEN_SPLITS = {"train": ["CXR2384_IM-0942", "CXR2926_IM-1328", "CXR2372_IM-0933-0001"],
+                   "val": ["CXR2279_IM-0865"], "test": ["CXR3030_IM-1405", "CXR2056_IM-0694-1001"]}
+
+
+def write_iu_xray_r2gen(root):
+    """R2Gen's iu_xray folder: annotation.json ({"train"/"val"/"test": [{"id", "report", "image_path":
+    ["<id>/0.png", "<id>/1.png"], "split"}]}, one line, json.dumps' separators) and images/<id>/{0,1}.png;
+    returns {id: {split, findings, images}} (the report is the findings section)."""
+    root = Path(root)
+    ids = [(split, i) for split, group in IU_R2GEN_SPLITS.items() for i in group]
+    annotation, expected = {split: [] for split in IU_R2GEN_SPLITS}, {}
+    for n, ((split, entry_id), (findings, _)) in enumerate(zip(ids, radlabels_sections(len(ids)))):
+        paths = [f"{entry_id}/{k}.png" for k in (0, 1)]
+        for k, rel in enumerate(paths):
+            (root / "images" / entry_id).mkdir(parents=True, exist_ok=True)
+            (root / "images" / rel).write_bytes(xray_jpeg(400 + 10 * n + k, "PNG"))
+        annotation[split].append({"id": entry_id, "report": findings, "image_path": paths, "split": split})
+        expected[entry_id] = {"split": split, "findings": findings, "images": [root / "images" / p for p in paths]}
+    (root / "annotation.json").write_text(json.dumps(annotation))
     return expected
 
 

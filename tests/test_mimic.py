@@ -1,9 +1,11 @@
 """data/mimic.py: the official MIMIC-CXR section parser's behaviour, MIMIC-CXR studies (views, priors, tasks) as eval
-items and stage-1/3 records, IU-Xray and CheXpert Plus, and eval.py's reading of what they write.
+items and stage-1/3 records, IU-Xray (OpenI, Kaggle, R2Gen layouts) and CheXpert Plus as eval items and stage-3
+records, and eval.py's reading of what they write.
 
 Fixtures are written in each release's layout by tests/report_fixtures.py; expected values come from the text the
 fixture writes and from the official parser's rules (MIT-LCP/mimic-cxr txt/section_parser.py), not from our code.
 """
+import csv
 import json
 import os
 
@@ -187,8 +189,10 @@ def test_mimic_layout_errors(tmp_path):
     with pytest.raises(mimic.LayoutError, match="mimic-cxr-2.0.0-metadata.csv"):
         convert.convert("mimic-cxr", str(tmp_path / "src"), str(tmp_path / "out"))
     F.write_mimic_cxr(tmp_path / "src2")
-    with pytest.raises(mimic.LayoutError, match="no nonexistent study"):
+    with pytest.raises(mimic.LayoutError, match="wrote 0 items: no study of split 'nonexistent'"):
         convert.convert("mimic-cxr", str(tmp_path / "src2"), str(tmp_path / "out"), split="nonexistent")
+    with pytest.raises(mimic.LayoutError, match="--split train: .*python -m data.convert mimic-cxr-instruct"):
+        convert.convert("mimic-cxr", str(tmp_path / "src2"), str(tmp_path / "out"), split="train")
 
 # ---------------------------------------------------------------------------------------------------- IU-Xray, CheXpert
 
@@ -223,3 +227,174 @@ def test_chexpert_plus(tmp_path):
             assert item["image_sha256"] == [F.file_sha(want["images"][i]) for i in frontal_first]
     later = next(i for i in read_items(tmp_path / "out", "chexpert_plus_impression") if i["study"].endswith("study2"))
     assert later["prior"]["study"] == "valid/patient00002/study1" and later["views"] == ["AP", "LATERAL"]
+
+
+def test_iu_xray_openi_has_no_split(tmp_path):
+    F.write_iu_xray(tmp_path / "src")
+    items = convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "out"))
+    assert [i["source_split"] for i in items] == ["all (IU-Xray's OpenI layout has no split)"] * 2
+    assert all(v == "" for i in read_items(tmp_path / "out", "iu_xray_findings") for v in i["views"])
+    for name, split in (("iu-xray", "test"), ("iu-xray", "train"), ("iu-xray-instruct", None)):
+        with pytest.raises(mimic.LayoutError, match="OpenI layout .*ecgen-radiology.* has no split.*R2Gen"):
+            convert.convert(name, str(tmp_path / "src"), str(tmp_path / "out2"), split=split)
+
+
+def kaggle_order(want):
+    """The stated order: Frontal before Lateral, ties by file name (indices into the CSV's rows)."""
+    return sorted(range(len(want["filenames"])), key=lambda i: (want["projections"][i] != "Frontal",
+                                                                want["filenames"][i]))
+
+
+def test_iu_xray_kaggle_views_in_stated_order(tmp_path):
+    expected = F.write_iu_xray_kaggle(tmp_path / "src")
+    info = convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "out"))
+    assert info[0]["skipped"] == {"no findings section": 2} and info[1]["skipped"] == {"no impression section": 1}
+    words = {"Frontal": "frontal", "Lateral": "lateral"}
+    for task in mimic.TASKS:
+        items = ev.load_items(tmp_path / "out", f"iu_xray_{task}")
+        keys = sorted((k for k in expected if expected[k][task]), key=lambda k: int(k[3:]))   # uid order
+        assert [i["study"] for i in items] == keys
+        for item in items:
+            want, order = expected[item["study"]], kaggle_order(expected[item["study"]])
+            assert item["answer"] == want[task] and item["prior"] is None   # one study per report: no prior
+            assert item["views"] == [want["projections"][i].upper() for i in order]
+            assert item["image_sha256"] == [F.file_sha(want["images"][i]) for i in order]
+            one = dict(item)
+            ev.apply_report_context(one, max_views=1)
+            first = words[want["projections"][order[0]]]
+            assert one["question"] == mimic.report_prompt(task, [item["views"][0]])
+            assert f"Current study: 1 chest X-ray image ({first})." in one["question"]
+            assert [os.path.basename(p) for p in one["image_paths"]] == [want["filenames"][order[0]]]
+            ev.apply_report_context(item)   # the default, 3 views
+            shown = ", ".join(words[want["projections"][i]] for i in order[:3])
+            assert f"image{'s' if len(order) > 1 else ''} ({shown})." in item["question"]
+            assert ev.build_prompt(item).count("<image>") == min(3, len(order))
+    # uid 10: the frontal is 10_IM-0002-2001, after the lateral by name; frontal still comes first
+    cxr10 = next(i for i in read_items(tmp_path / "out", "iu_xray_impression") if i["study"] == "CXR10")
+    assert cxr10["views"] == ["FRONTAL", "LATERAL"] and cxr10["images"][0].endswith("10_IM-0002-2001.dcm.png")
+    # the order comes from the projection column, not from the CSV's row order (the release lists frontal first)
+    csv_path = tmp_path / "src" / "indiana_projections.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([header] + rows[::-1]) + "\n")
+    convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "reversed"))
+    for task in mimic.TASKS:
+        assert [(i["views"], i["image_sha256"]) for i in read_items(tmp_path / "reversed", f"iu_xray_{task}")] == \
+            [(i["views"], i["image_sha256"]) for i in read_items(tmp_path / "out", f"iu_xray_{task}")]
+
+
+def test_iu_xray_kaggle_errors(tmp_path):
+    expected = F.write_iu_xray_kaggle(tmp_path / "src")
+    src = tmp_path / "src"
+    lines = (src / "indiana_projections.csv").read_text().splitlines()
+    # a missing image: the row that names it, and what to do
+    line = next(n for n, text in enumerate(lines, 1) if text.startswith("42,42_IM-2063-3001"))
+    os.remove(expected["CXR42"]["images"][2])
+    with pytest.raises(mimic.LayoutError, match=f"indiana_projections.csv: line {line}: image not found: .*"
+                       "42_IM-2063-3001.dcm.png; unpack images/images_normalized/.*--skip-missing"):
+        convert.convert("iu-xray", str(src), str(tmp_path / "out"))
+    info = convert.convert("iu-xray", str(src), str(tmp_path / "out"), skip_missing=True)
+    assert [i["skipped"].get("missing image") for i in info] == [1, 1]   # CXR42 has both sections
+    # a missing column: file, line, column, what to do
+    (src / "indiana_projections.csv").write_text("\n".join(t.rsplit(",", 1)[0] for t in lines) + "\n")
+    with pytest.raises(mimic.LayoutError, match="indiana_projections.csv: line 2: missing column 'projection'.*"
+                       "Point --src at the release"):
+        convert.convert("iu-xray", str(src), str(tmp_path / "out"))
+    # reports without a findings or impression section: 0 items is an error
+    F.write_iu_xray_kaggle(tmp_path / "empty")
+    with open(tmp_path / "empty" / "indiana_reports.csv", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    with open(tmp_path / "empty" / "indiana_reports.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([rows[0]] + [r[:6] + ["", ""] for r in rows[1:]])
+    with pytest.raises(mimic.LayoutError, match="wrote 0 items: no study of split 'all'"):
+        convert.convert("iu-xray", str(tmp_path / "empty"), str(tmp_path / "out3"))
+
+
+@pytest.fixture(scope="module")
+def r2gen_release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("r2gen")
+    expected = F.write_iu_xray_r2gen(root / "data" / "iu_xray")   # R2Gen's run script reads data/iu_xray/
+    return root, expected
+
+
+def test_iu_xray_r2gen_split_findings_only(r2gen_release):
+    root, expected = r2gen_release
+    src = root / "data" / "iu_xray"
+    info = convert.convert("iu-xray", str(src), str(root / "out"))
+    assert [i["benchmark"] for i in info] == ["iu_xray_findings"] and info[0]["source_split"] == "test"
+    assert not os.path.exists(root / "out" / "iu_xray_impression")   # R2Gen's reports are findings: no folder
+    items = ev.load_items(root / "out", "iu_xray_findings")
+    assert [i["study"] for i in items] == F.IU_R2GEN_SPLITS["test"]   # the release's order
+    for item in items:
+        want = expected[item["study"]]
+        assert item["answer"] == want["findings"] and item["views"] == ["", ""] and item["prior"] is None
+        assert item["image_sha256"] == [F.file_sha(p) for p in want["images"]]   # 0.png, 1.png
+        ev.apply_report_context(item)
+        assert "Current study: 2 chest X-ray images (view not recorded, view not recorded)." in item["question"]
+    # --src above it finds iu_xray/annotation.json; --split val reads R2Gen's validation split
+    convert.convert("iu-xray", str(root / "data"), str(root / "val"), split="val")
+    assert [i["study"] for i in read_items(root / "val", "iu_xray_findings")] == F.IU_R2GEN_SPLITS["val"]
+    with pytest.raises(mimic.LayoutError, match="--split train: .*python -m data.convert iu-xray-instruct"):
+        convert.convert("iu-xray", str(src), str(root / "out2"), split="train")
+
+
+def test_iu_xray_r2gen_training_records_in_eval_form(r2gen_release):
+    root, expected = r2gen_release
+    convert.convert("iu-xray-instruct", str(root / "data" / "iu_xray"), str(root / "train"))
+    path = root / "train" / "iu_xray_instruct" / "train.jsonl"
+    records = [json.loads(line) for line in path.open()]
+    assert [r["id"] for r in records] == [f"{k}-findings" for k in F.IU_R2GEN_SPLITS["train"]]
+    samples = load_jsonl(str(path), conversation_sample, load_tokenizer(), ImageTokens(tokens_per_tile=4))
+    for record, sample in zip(records, samples):
+        want = expected[record["id"].rsplit("-", 1)[0]]
+        assert record["conversations"] == [{"from": "human", "value": mimic.report_prompt("findings", ["", ""])},
+                                           {"from": "gpt", "value": want["findings"]}]
+        assert [os.path.normpath(path.parent / p) for p in record["image"]] == [str(p) for p in want["images"]]
+        assert len(sample.images) == 2
+    # eval's prompt for a test item is the same text the training records were written in
+    convert.convert("iu-xray", str(root / "data" / "iu_xray"), str(root / "eval"))
+    item = ev.load_items(root / "eval", "iu_xray_findings")[0]
+    ev.apply_report_context(item)
+    assert item["question"] == records[0]["conversations"][0]["value"]
+
+
+def test_iu_xray_r2gen_errors(tmp_path):
+    expected = F.write_iu_xray_r2gen(tmp_path / "src")
+    os.remove(expected["CXR3030_IM-1405"]["images"][1])
+    with pytest.raises(mimic.LayoutError, match=r"annotation.json: test\[0\] \(CXR3030_IM-1405\): image not found: "
+                       r".*CXR3030_IM-1405/1.png; unpack R2Gen's images/.*--skip-missing"):
+        convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "out"))
+    info = convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "out"), skip_missing=True)
+    assert info[0]["items"] == 1 and info[0]["skipped"] == {"missing image": 1}
+    annotation = json.loads((tmp_path / "src" / "annotation.json").read_text())
+    del annotation["val"][0]["report"]
+    (tmp_path / "src" / "annotation.json").write_text(json.dumps(annotation))
+    with pytest.raises(mimic.LayoutError, match=r"annotation.json: val\[0\]: missing field 'report'"):
+        convert.convert("iu-xray", str(tmp_path / "src"), str(tmp_path / "out"))
+
+
+def test_chexpert_plus_training_records_in_eval_form(tmp_path):
+    expected = F.write_chexpert_plus(tmp_path / "src")
+    convert.convert("chexpert-plus-instruct", str(tmp_path / "src"), str(tmp_path / "train"))
+    records = [json.loads(line) for line in (tmp_path / "train" / "chexpert_plus_instruct" / "train.jsonl").open()]
+    assert [r["id"] for r in records] == [f"{k}-{t}" for k, v in expected.items() if v["split"] == "train"
+                                          for t in mimic.TASKS if v[t]]
+    # the valid split as training records (it holds a prior): each record's prompt is what eval asks with --prior
+    info = convert.convert("chexpert-plus-instruct", str(tmp_path / "src"), str(tmp_path / "valid"), split="valid")
+    path = tmp_path / "valid" / "chexpert_plus_instruct" / "train.jsonl"
+    records = {r["id"]: r for r in map(json.loads, path.open())}
+    assert info["skipped"] == {"no findings section": 1}
+    convert.convert("chexpert-plus", str(tmp_path / "src"), str(tmp_path / "eval"))
+    items = [i for task in mimic.TASKS for i in ev.load_items(tmp_path / "eval", f"chexpert_plus_{task}")]
+    assert sorted(records) == sorted(f"{i['study']}-{i['task']}" for i in items)
+    for item in items:
+        record = records[f"{item['study']}-{item['task']}"]
+        ev.apply_report_context(item, max_views=mimic.TRAIN_MAX_VIEWS, with_prior=True)
+        assert record["conversations"] == [{"from": "human", "value": item["question"]},
+                                           {"from": "gpt", "value": item["answer"]}]
+        images = [record["image"]] if isinstance(record["image"], str) else record["image"]
+        assert [F.file_sha(path.parent / p) for p in images] == [F.file_sha(p) for p in item["image_paths"]]
+    assert any("Prior study: 1 chest X-ray image (AP)." in r["conversations"][0]["value"] for r in records.values())
+    with pytest.raises(mimic.LayoutError, match="--split train: .*chexpert-plus-instruct"):
+        convert.convert("chexpert-plus", str(tmp_path / "src"), str(tmp_path / "eval2"), split="train")
+    with pytest.raises(mimic.LayoutError, match="wrote 0 records of split 'test'"):
+        convert.convert("chexpert-plus-instruct", str(tmp_path / "src"), str(tmp_path / "t2"), split="test")

@@ -10,6 +10,7 @@ from data import prepare
 from data.datasets import caption_sample, conversation_sample, document_sample, load_dataset
 from data.tokenizer import load_tokenizer
 
+import report_fixtures
 from raw_releases import make_raw
 
 
@@ -40,7 +41,7 @@ def test_every_release_is_found_and_converted(prepared, capsys):
     train = sorted(os.listdir(os.path.join(out, "train")))
     assert train == sorted(["slake_train", "vqa_rad_train", "pathvqa_train", "pmc_vqa_train", "medqa_train",
                             "medmcqa_train", "pubmedqa_train", "mimic_cxr_captions", "mimic_cxr_instruct",
-                            "llava-med-alignment",
+                            "chexpert_plus_instruct", "llava-med-alignment",
                             "llava-med-instruct", "pmc-oa", "roco", "rocov2", "pmc-articles", "pubmed", "text-folder"])
     ten = read(os.path.join(out, "eval", "mmmu_pro_med_10", "test.jsonl"))
     assert [len(i["options"]) for i in ten] == [10]  # the config the benchmark names
@@ -101,3 +102,13 @@ def test_missing_releases_are_listed(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "OUT" / "stage3.json") and not os.path.exists(tmp_path / "OUT" / "stage1.json")
     assert json.load(open(tmp_path / "OUT" / "stage3.json"))["datasets"] == [
         {"path": "train/medqa_train/clean.jsonl", "weight": 1.0}]
+
+
+def test_iu_xray_in_r2gen_layout(tmp_path, capsys):
+    """R2Gen's IU-Xray (annotation.json, findings only) under RAW: the findings benchmark is written, no empty
+    impression folder is left behind, and the run ends cleanly."""
+    report_fixtures.write_iu_xray_r2gen(tmp_path / "RAW" / "iu_xray")
+    out = tmp_path / "OUT"
+    assert prepare.main(["--raw", str(tmp_path / "RAW"), "--out", str(out), "--no-tokens"]) == 0
+    assert sorted(os.listdir(out / "eval")) == ["iu_xray_findings"]
+    assert "error" not in capsys.readouterr().err
