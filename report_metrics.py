@@ -7,15 +7,16 @@ Design choices
   F-measure (no stemming), written here and tested equal to those packages; both are reported in 0..1.
 - Model-based metrics read their model from a local path (eval.py's flag, or the environment variable of
   MODEL_PATHS) and run offline (HF_HUB_OFFLINE=1). A missing package, an unset or missing path, or a failure
-  is reported as the string "not computed: <why>", never as 0.
+  is reported as the string "not computed: <why>", never as 0. They run on the GPU when there is one.
 - BERTScore: bert-score's F1, distilroberta-base at layer 5, rescaled with bert-score's shipped baseline
   for that model, no idf: the configuration RadCliQ-v1 was fitted with (CXRMetric/run_eval.py, USE_IDF False).
 - s_emb: cosine of CheXbert's [CLS] embeddings (bert-base-uncased with CheXbert's weights, chexbert.pth read
   with torch.load(weights_only=True)), tokenised as CheXbert does (whitespace collapsed, 512 tokens).
 - RadGraph: the radgraph package's annotator, model "radgraph" (the one RadCliQ used), from a local
   directory. The package's vendored AllenNLP calls two tokenizer methods transformers 5 removed (`encode_plus`,
-  `build_inputs_with_special_tokens`); they are put back, as transformers 4 defined them, while it runs. Reported: `radgraph_f1` = the package's `partial` reward (RG_ER: entities matched by text and
-  label, and whether they have a relation), the level report-generation tables call RadGraph-F1; and
+  `build_inputs_with_special_tokens`); they are put back, as transformers 4 defined them, while it runs.
+  Reported: `radgraph_f1` = the package's `partial` reward (RG_ER: entities matched by text and label, and
+  whether they have a relation), the level report-generation tables call RadGraph-F1; and
   `radgraph_combined` = mean of entity F1 and relation F1 as CXR-Report-Metric computes them, RadCliQ's input.
 - RaTEScore: the RaTEScore package's score, one pair per call (over a list it drops a report without a sentence
   and shifts the pairs after it; such a pair scores its no-entity 0.5), with PyRuSH's token-by-token DEBUG log
@@ -236,7 +237,8 @@ def chexbert_embeddings(texts, path):
     missing, _ = bert.load_state_dict(state, strict=False)
     if [k for k in missing if "position_ids" not in k]:
         raise NotComputed(f"{path}/chexbert.pth does not hold a CheXbert BERT: missing {missing[:3]}")
-    bert.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bert.to(device).eval()
     out = []
     with torch.no_grad():
         for text in texts:
@@ -244,8 +246,8 @@ def chexbert_embeddings(texts, path):
             # [CLS] tokens [SEP], what CheXbert's encode_plus(tokens) gives (transformers 5 has no encode_plus)
             ids = [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokens) + [tokenizer.sep_token_id]
             ids = ids[:511] + [tokenizer.sep_token_id] if len(ids) > 512 else ids
-            hidden = bert(torch.tensor([ids])).last_hidden_state   # (1, T, 768)
-            out.append(hidden[0, 0])
+            hidden = bert(torch.tensor([ids], device=device)).last_hidden_state   # (1, T, 768)
+            out.append(hidden[0, 0].cpu())
     return torch.stack(out).numpy()
 
 
@@ -293,7 +295,7 @@ def radgraph_scores(hypotheses, references, path):
     from radgraph import RadGraph
     from radgraph.rewards import compute_reward
     with transformers4_tokenizer_api():
-        annotator = RadGraph(model_type="radgraph", model_cache_dir=path, cuda=-1)
+        annotator = RadGraph(model_type="radgraph", model_cache_dir=path, cuda=0 if torch.cuda.is_available() else -1)
         annotations = annotator(list(hypotheses) + list(references))   # {"0": {...}, ...}
     n = len(hypotheses)
     partial, combined = [], []
@@ -324,7 +326,7 @@ def ratescore(hypotheses, references, path):
     logger.disable("PyRuSH")
     from RaTEScore import RaTEScore
     from RaTEScore.utils import sentence_split
-    scorer = RaTEScore(bert_model=str(ner), eval_model=str(synonyms), use_gpu=False)
+    scorer = RaTEScore(bert_model=str(ner), eval_model=str(synonyms), use_gpu=torch.cuda.is_available())
     scores = []
     for hyp, ref in zip(hypotheses, references, strict=True):
         has_sentences = all(sentence_split([text])[0] for text in (hyp, ref))
